@@ -1,0 +1,226 @@
+"""The one forward of a frozen LLaVA under M²PT prompts, for a batch whose rows each use a different bundle or none.
+
+Layout of a batch (verified exact against running each row alone, see tests/test_core_equivalence.py):
+- ViT: row b attends to `[visual prefix_b (left-padded, masked) | CLS | patches]` at every layer.
+- LLM cache: `[pad | text prefix_b]` per layer; attention mask `[prefix mask | text mask]`;
+  position ids of real tokens start at `Lt_b` (the prefix occupies RoPE positions 0..Lt_b-1).
+- Projector: rows whose bundle carries a projector use it; the others use the base projector.
+A row with no bundle computes exactly what the unmodified HF model computes.
+
+Training calls `encode_images` + `prefill(all_logits=True)` with trainable prompts; serving calls the same
+functions under `torch.inference_mode()` and then `decode_step`. This module does no I/O and knows no requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from m2pt.prefix import BundlePrefix
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RowInput:
+    """One sequence: token ids with image placeholders already expanded, and the features that fill them."""
+
+    input_ids: Tensor  # [T] long
+    image_features: Tensor | None  # [n_image_tokens, D], one block per image in order; None if no image
+    prefix: BundlePrefix | None
+
+
+def _stack_prefixes(
+    parts: Sequence[tuple[Tensor, Tensor] | None], like: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Left-pad per-row `(K, V)` of shape [layers, H, L_b, hd] to one batch tensor.
+
+    Returns K, V as [layers, B, H, Lmax, hd] and the additive bias [B, Lmax] (0 real, -inf padding), or None when
+    no row has a prefix.
+    """
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    layers, heads, _, head_dim = present[0][0].shape
+    max_len = max(p[0].shape[2] for p in present)
+    batch = len(parts)
+    keys = like.new_zeros(layers, batch, heads, max_len, head_dim)
+    values = like.new_zeros(layers, batch, heads, max_len, head_dim)
+    bias = like.new_full((batch, max_len), NEG_INF)
+    for row, part in enumerate(parts):
+        if part is None:
+            continue
+        length = part[0].shape[2]
+        keys[:, row, :, max_len - length :] = part[0]
+        values[:, row, :, max_len - length :] = part[1]
+        bias[row, max_len - length :] = 0.0
+    return keys, values, bias
+
+
+def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> Tensor:
+    """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does."""
+    cfg = model.config
+    layer = cfg.vision_feature_layer
+    chosen = [hidden_states[i] for i in ([layer] if isinstance(layer, int) else layer)]
+    if cfg.vision_feature_select_strategy == "default":
+        chosen = [h[:, 1:] for h in chosen]
+    return torch.cat(chosen, dim=-1)  # [B, N, Dv']
+
+
+def vision_hidden_states(
+    model: nn.Module, pixel_values: Tensor, prefixes: Sequence[BundlePrefix | None]
+) -> list[Tensor]:
+    """Run the ViT with each row's visual prefix; returns the embedding output and every layer's output."""
+    tower = model.model.vision_tower
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))  # [B, 1+N, Dv]
+    parts = [None if p is None or p.visual_k is None else (p.visual_k, p.visual_v) for p in prefixes]
+    stacked = _stack_prefixes(parts, hidden)
+    states = [hidden]
+    for idx, layer in enumerate(tower.encoder.layers):
+        extra = {} if stacked is None else {"m2pt_prefix": (stacked[0][idx], stacked[1][idx], stacked[2])}
+        hidden = layer(hidden, None, **extra)
+        states.append(hidden)
+    return states
+
+
+def project_features(model: nn.Module, features: Tensor, prefixes: Sequence[BundlePrefix | None]) -> Tensor:
+    """Apply each row's projector (its bundle's, or the base one). features [B, N, Dv] -> [B, N, D]."""
+    projector = model.model.multi_modal_projector
+    groups: dict[int, list[int]] = {}
+    weights: dict[int, dict[str, Tensor] | None] = {}
+    for row, prefix in enumerate(prefixes):
+        proj = None if prefix is None else prefix.projector
+        groups.setdefault(id(proj), []).append(row)
+        weights[id(proj)] = proj
+    if len(groups) == 1:
+        (key,) = groups
+        return projector(features) if weights[key] is None else functional_call(projector, weights[key], (features,))
+    out: Tensor | None = None
+    for key, rows in groups.items():
+        idx = torch.tensor(rows, device=features.device)
+        sub = features.index_select(0, idx)
+        sub = projector(sub) if weights[key] is None else functional_call(projector, weights[key], (sub,))
+        if out is None:
+            out = sub.new_empty(features.shape[0], *sub.shape[1:])
+        out = out.index_copy(0, idx, sub)
+    assert out is not None
+    return out
+
+
+def encode_images(model: nn.Module, pixel_values: Tensor, prefixes: Sequence[BundlePrefix | None]) -> Tensor:
+    """Image features for the LLM, one image per row: pixel_values [B, 3, H, W] -> [B, N, D].
+
+    Row b's features depend on its bundle (visual prompts and projector), so cache them per (image, bundle).
+    """
+    states = vision_hidden_states(model, pixel_values, prefixes)
+    return project_features(model, select_image_features(model, states), prefixes)
+
+
+@dataclass
+class DecodeState:
+    """The running batch's cache: HF DynamicCache + 2D attention mask + next RoPE position per row."""
+
+    cache: object  # transformers DynamicCache; layers hold [B, Hkv, S, hd]
+    attention_mask: Tensor  # [B, S] long, 1 = attend
+    positions: Tensor  # [B] long, position id of each row's next token
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    def select(self, rows: Sequence[int]) -> DecodeState:
+        """Keep `rows` (in that order) and drop leading columns no remaining row attends to."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, idx)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        return DecodeState(self.cache, mask[:, start:], self.positions.index_select(0, idx))
+
+    @staticmethod
+    def merge(states: Sequence[DecodeState]) -> DecodeState:
+        """Concatenate batches, left-padding shorter caches and masks (padding is masked, so results are unchanged)."""
+        if len(states) == 1:
+            return states[0]
+        length = max(s.attention_mask.shape[1] for s in states)
+        masks = [nn.functional.pad(s.attention_mask, (length - s.attention_mask.shape[1], 0)) for s in states]
+        base = states[0].cache
+        for layer_idx, layer in enumerate(base.layers):
+            for attr in ("keys", "values"):
+                tensors = [getattr(s.cache.layers[layer_idx], attr) for s in states]
+                padded = [nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors]
+                setattr(layer, attr, torch.cat(padded, dim=0))
+        return DecodeState(base, torch.cat(masks), torch.cat([s.positions for s in states]))
+
+
+def _embed_rows(model: nn.Module, rows: Sequence[RowInput]) -> tuple[Tensor, Tensor]:
+    """Left-pad token ids, embed them and scatter image features. Returns embeds [B, T, D] and mask [B, T]."""
+    device = model.lm_head.weight.device
+    length = max(int(r.input_ids.shape[0]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+    for b, row in enumerate(rows):
+        n = int(row.input_ids.shape[0])
+        ids[b, length - n :] = row.input_ids.to(device)
+        mask[b, length - n :] = 1
+    embeds = model.model.get_input_embeddings()(ids)  # [B, T, D]
+    image_slots = (ids == model.config.image_token_id) & mask.bool()
+    features = [r.image_features for r in rows if r.image_features is not None]
+    want = int(image_slots.sum())
+    have = sum(int(f.shape[0]) for f in features)
+    if want != have:
+        raise ValueError(f"{want} image placeholder tokens but {have} image feature rows")
+    if want:
+        flat = torch.cat([f.to(embeds.dtype) for f in features])  # [sum N, D]
+        embeds = embeds.masked_scatter(image_slots[..., None].expand_as(embeds), flat)
+    return embeds, mask
+
+
+def _prefix_cache(model: nn.Module, rows: Sequence[RowInput], like: Tensor) -> tuple[object, Tensor, Tensor]:
+    """DynamicCache prefilled with each row's text prefix, its mask [B, P] and each row's prefix length [B]."""
+    from transformers import DynamicCache
+
+    parts = [None if r.prefix is None or r.prefix.text_k is None else (r.prefix.text_k, r.prefix.text_v) for r in rows]
+    lengths = torch.tensor([0 if p is None else p[0].shape[2] for p in parts], device=like.device)
+    stacked = _stack_prefixes(parts, like)
+    if stacked is None:
+        return DynamicCache(config=model.config), like.new_zeros(len(rows), 0, dtype=torch.long), lengths
+    keys, values, bias = stacked
+    cache = DynamicCache(ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config)
+    return cache, (bias == 0).long(), lengths
+
+
+def prefill(model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False) -> tuple[Tensor, DecodeState]:
+    """Run the prompt of every row. Returns logits ([B, V] of the last token, or [B, T, V] left-padded when
+    `all_logits`) and the `DecodeState` to continue decoding from."""
+    embeds, text_mask = _embed_rows(model, rows)
+    cache, prefix_mask, prefix_len = _prefix_cache(model, rows, embeds)
+    attention_mask = torch.cat([prefix_mask, text_mask], dim=1)  # [B, P+T]
+    position_ids = (prefix_len[:, None] + text_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
+    hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
+    state = DecodeState(out.past_key_values, attention_mask, position_ids[:, -1] + 1)
+    return model.lm_head(hidden), state
+
+
+def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
+    """Feed one token per row ([B] long); returns next-token logits [B, V] and advances `state` in place."""
+    state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
+    embeds = model.model.get_input_embeddings()(tokens[:, None])  # [B, 1, D]
+    out = model.model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=state.attention_mask,
+        position_ids=state.positions[:, None],
+        cache=state.cache,
+        use_cache=True,
+    )
+    state.positions = state.positions + 1
+    return model.lm_head(out.last_hidden_state[:, -1])

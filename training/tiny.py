@@ -1,0 +1,143 @@
+"""Build small, real LLaVA checkpoints from configs: a word-level tokenizer trained locally, a CLIP vision tower,
+a Llama LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
+`LlavaForConditionalGeneration.from_pretrained` load them offline.
+
+Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a larger size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
+
+# User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list of parts
+# ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template passes them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}user : "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endif %} assistant :"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %} {{ part['text'] }}{% endfor %}{% endif %} </s> "
+    "{% endif %}{% endfor %}"
+)
+
+BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
+
+
+@dataclass
+class TinyLlavaConfig:
+    """Sizes of a tiny LLaVA. The defaults build a ~0.2 M parameter model for unit tests."""
+
+    words: list[str] = field(default_factory=lambda: [str(d) for d in range(10)] + ["what", "is", "this", "digit"])
+    image_size: int = 16
+    patch_size: int = 8
+    vit_dim: int = 32
+    vit_layers: int = 2
+    vit_heads: int = 2
+    vit_mlp: int = 64
+    llm_dim: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_mlp: int = 128
+    select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    max_positions: int = 512
+    seed: int = 0
+
+    def vocabulary(self) -> list[str]:
+        seen = dict.fromkeys(SPECIAL_TOKENS + BASE_WORDS + [w.lower() for w in self.words])
+        return list(seen)
+
+
+def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
+    """Word-level tokenizer: lowercases, splits on whitespace and punctuation, adds `<s>` in front."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": cfg.image_size},
+        crop_size={"height": cfg.image_size, "width": cfg.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.patch_size,
+        vision_feature_select_strategy=cfg.select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vit_dim, intermediate_size=cfg.vit_mlp, num_hidden_layers=cfg.vit_layers,
+        num_attention_heads=cfg.vit_heads, image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vit_dim,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.llm_dim, intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
+        num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads, vocab_size=vocab_size,
+        max_position_embeddings=cfg.max_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+        image_seq_length=patches + (0 if cfg.select_strategy == "default" else 1),
+        vision_feature_select_strategy=cfg.select_strategy, vision_feature_layer=-1, projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()
+
+
+def build_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, model=None) -> Path:
+    """Write a loadable checkpoint (config, safetensors weights, tokenizer, processor) to `out_dir`.
+
+    `model` lets a caller save trained weights with the same tokenizer and processor.
+    """
+    cfg = cfg or TinyLlavaConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = cfg.vocabulary()
+    processor = build_processor(cfg, build_tokenizer(vocab))
+    model = model if model is not None else build_model(cfg, len(vocab))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info("wrote tiny LLaVA (%d params, vocab %d) to %s", sum(p.numel() for p in model.parameters()), len(vocab), out)
+    return out
