@@ -1,0 +1,5 @@
+import sys
+
+from m2pt_cli.main import main
+
+sys.exit(main())
