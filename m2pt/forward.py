@@ -207,7 +207,7 @@ def prefill(model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False
         inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
     )
     hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
-    state = DecodeState(out.past_key_values, attention_mask, position_ids[:, -1] + 1)
+    state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)  # the cache was filled in place
     return model.lm_head(hidden), state
 
 

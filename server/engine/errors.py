@@ -32,3 +32,10 @@ class PromptTooLongError(EngineError):
 
     status = 400
     error_type = "prompt_too_long"
+
+
+class InvalidRequestError(EngineError):
+    """The request is malformed in a way only the engine can see (e.g. image parts and images do not match)."""
+
+    status = 400
+    error_type = "invalid_request"
