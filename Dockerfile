@@ -1,0 +1,20 @@
+# m2pt-serve on a CUDA-capable base. Uses the same install script as the README (`scripts/setup.sh`).
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    VENV=/opt/m2pt/.venv
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip curl make \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 10001 m2pt
+WORKDIR /opt/m2pt
+COPY --chown=m2pt:m2pt . /opt/m2pt
+RUN bash scripts/setup.sh && mkdir -p /data/bundles && chown -R m2pt:m2pt /data /opt/m2pt
+
+USER m2pt
+ENV PATH=/opt/m2pt/.venv/bin:$PATH
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+# Serves the shipped demo model; mount a store at /data/bundles and pass --store /data/bundles --model ... to change.
+CMD ["m2pt", "serve", "--host", "0.0.0.0", "--port", "8000"]
