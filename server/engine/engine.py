@@ -92,12 +92,11 @@ class Engine:
     def from_settings(cls, settings, metrics=None) -> Engine:
         """Load the model named by `settings.model` and open `settings.store` (blocking; call from the lifespan)."""
         from m2pt.loading import load_frozen_llava
-        from server.engine.wiring import engine_config_from_settings, open_store_from_settings
+        from server.engine.wiring import engine_config_from_settings, open_store_from_settings, served_model_id
 
+        store, limits = open_store_from_settings(settings)  # checks paths before the (slow) model load
         frozen = load_frozen_llava(str(settings.model), device=settings.device, dtype=settings.dtype)
-        store, limits = open_store_from_settings(settings)
-        model_id = getattr(settings, "served_model_name", None)
-        return cls(frozen, store, engine_config_from_settings(settings), metrics, limits, model_id)
+        return cls(frozen, store, engine_config_from_settings(settings), metrics, limits, served_model_id(settings))
 
     @property
     def ready(self) -> bool:
