@@ -1,0 +1,77 @@
+"""Held-out evaluation through the serving path: greedy decoding with `prefill` + `decode_step`, exact match.
+
+A prediction is correct when the greedy continuation of the prompt reproduces the reference answer's tokens and then
+`</s>` (the answer ids as the data module labels them). Prompts are precomputed once with `compute_prefix` under
+`torch.inference_mode()`, exactly as the server does when it loads a bundle; `prompts=None` evaluates the frozen base.
+Under torchrun each rank evaluates a strided share and the counts are summed. This module does not train.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from m2pt.forward import RowInput, decode_step, encode_images, prefill
+from m2pt.prefix import BundlePrefix, compute_prefix
+from m2pt.prompts import PromptTensors
+from training.data import Encoded, EncodedDataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    correct: int
+    total: int
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (source, predicted, reference)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+
+def greedy_batch(model: nn.Module, examples: list[Encoded], prefix: BundlePrefix | None) -> list[list[int]]:
+    """Greedy tokens for each example's prompt: as many as the longest answer in the batch (answer + `</s>`)."""
+    device = next(model.parameters()).device
+    pixels = torch.stack([e.pixel_values for e in examples]).to(device)  # [B, 3, H, W]
+    features = encode_images(model, pixels, [prefix] * len(examples))  # [B, N, D]
+    rows = [RowInput(e.input_ids[: e.prompt_len], features[b], prefix) for b, e in enumerate(examples)]
+    logits, state = prefill(model, rows)  # [B, V]
+    steps = max(int(e.answer_ids.shape[0]) for e in examples)
+    generated: list[list[int]] = [[] for _ in examples]
+    for step in range(steps):
+        tokens = logits.argmax(-1)  # [B]
+        for b, tok in enumerate(tokens.tolist()):
+            generated[b].append(tok)
+        if step + 1 < steps:
+            logits = decode_step(model, state, tokens)
+    return generated
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: EncodedDataset,
+    prompts: PromptTensors | None,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    decode=None,
+) -> EvalResult:
+    """Exact-match accuracy of greedy decoding on this rank's share of `dataset` (sum across ranks is the caller's)."""
+    indices = list(range(rank, len(dataset), world_size))
+    result = EvalResult(0, 0)
+    with torch.inference_mode():
+        prefix = None if prompts is None else compute_prefix(model, prompts)
+        for start in range(0, len(indices), batch_size):
+            chunk = [dataset.examples[i] for i in indices[start : start + batch_size]]
+            for ex, tokens in zip(chunk, greedy_batch(model, chunk, prefix)):
+                answer = ex.answer_ids.tolist()
+                ok = tokens[: len(answer)] == answer
+                result.correct += int(ok)
+                result.total += 1
+                if decode is not None and len(result.samples) < 8:
+                    result.samples.append((ex.source, decode(tokens), decode(answer)))
+    return result
