@@ -14,6 +14,9 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("m2pt_requests", "Finished requests", ["bundle", "status"], registry=r)
+        self.finished = Counter(
+            "m2pt_engine_finished", "Requests the engine finished, by finish reason", ["bundle", "reason"], registry=r
+        )
         self.queue_depth = Gauge("m2pt_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running_batch_size = Gauge("m2pt_running_batch_size", "Rows in the running decode batch", registry=r)
         self.time_to_first_token = Histogram(

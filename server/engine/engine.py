@@ -260,6 +260,7 @@ class Engine:
         if self.metrics is not None:
             label = seq.bundle_label or "none"
             self.metrics.generated_tokens.labels(label).inc(len(seq.tokens))
+            self.metrics.finished.labels(label, reason).inc()
 
     def _fail_running(self) -> None:
         for seq in list(self._running.values()):
