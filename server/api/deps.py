@@ -1,0 +1,72 @@
+"""FastAPI dependencies: authentication of the two route groups, and access to the app's engine and settings.
+
+Auth contract (design.md §5, issue 4):
+- chat routes (`require_api_key`): when `Settings.api_key` is set, `Authorization: Bearer <key>` is required (401
+  otherwise); when it is not set they are open.
+- ops routes (`require_ops_token`): 403 when no ops token is configured (the ops API is then off), 401 when the
+  header is missing or the token is wrong. The chat key is never accepted for ops.
+- tokens are compared with `hmac.compare_digest` on bytes; they are only read from the `Authorization` header
+  (never from the query string).
+Both are attached as router-level dependencies (see `server.app`), and `server.app` refuses to build an app in which
+a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlist.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from server.api.errors import AuthError, ForbiddenError
+from server.engine.errors import EngineNotReadyError
+from server.settings import Settings
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _matches(token: str | None, secret: SecretStr) -> bool:
+    if token is None:
+        return False
+    return hmac.compare_digest(token.encode("utf-8"), secret.get_secret_value().encode("utf-8"))
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request):
+    """The running engine; 503 while the lifespan has not built one yet."""
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise EngineNotReadyError("the model is still loading; retry when /ready answers 200")
+    return engine
+
+
+async def require_api_key(request: Request) -> None:
+    """Chat routes: `Authorization: Bearer $M2PT_API_KEY` when an API key is configured."""
+    key = get_settings(request).api_key
+    if key is None:
+        return
+    if not _matches(_bearer_token(request), key):
+        raise AuthError("missing or wrong API key: send 'Authorization: Bearer <M2PT_API_KEY>'")
+
+
+async def require_ops_token(request: Request) -> None:
+    """Ops routes: `Authorization: Bearer $M2PT_OPS_TOKEN`; 403 when the server has no ops token."""
+    token = get_settings(request).ops_token
+    if token is None:
+        raise ForbiddenError("the ops API is disabled on this server: start it with M2PT_OPS_TOKEN set")
+    if not _matches(_bearer_token(request), token):
+        raise AuthError("missing or wrong ops token: send 'Authorization: Bearer <M2PT_OPS_TOKEN>'")
+
+
+AUTH_DEPENDENCIES = (require_api_key, require_ops_token)

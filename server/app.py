@@ -1,0 +1,114 @@
+"""The FastAPI application factory.
+
+`create_app(settings, engine=None)`:
+- with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import time)
+  by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
+- with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped here.
+`app.state` holds `settings`, `metrics` (`server.metrics.ServerMetrics`, shared with the engine) and `engine`
+(None until the lifespan built it; routes then answer 503).
+
+Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route must
+carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one does not,
+so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema are not served.
+Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted by bundle and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute, Mount
+
+from server.api import routes_chat, routes_health, routes_openai, routes_ops
+from server.api.deps import AUTH_DEPENDENCIES
+from server.api.errors import install_error_handlers
+from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.metrics import ServerMetrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
+UPLOAD_PATHS = frozenset({"/v1/bundles"})
+
+
+class UnprotectedRouteError(RuntimeError):
+    """A route that is neither public nor behind an auth dependency (a programming error, found at startup)."""
+
+
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    """Build the app; see the module contract."""
+    metrics = ServerMetrics()
+    app = FastAPI(
+        title="m2pt-serve",
+        lifespan=_lifespan(settings, metrics, engine),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = engine
+    app.state.started_at = time.time()
+    install_error_handlers(app)
+    app.include_router(routes_health.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_ops.router)
+    app.add_middleware(BodyLimitMiddleware, default_limit=settings.max_body_bytes,
+                       upload_limit=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, paths=CHAT_PATHS)
+    check_routes_protected(app)
+    return app
+
+
+def iter_routes(routes) -> Iterator[BaseRoute]:
+    """Every leaf route the app serves, looking through included routers and mounts."""
+    for route in routes:
+        nested = getattr(route, "original_router", None)  # FastAPI's included-router wrapper
+        if nested is not None:
+            yield from iter_routes(nested.routes)
+        elif isinstance(route, Mount):
+            yield from iter_routes(route.routes)
+        else:
+            yield route
+
+
+def check_routes_protected(app: FastAPI) -> None:
+    """Raise `UnprotectedRouteError` unless every route is public by name or has an auth dependency."""
+    for route in iter_routes(app.routes):
+        if isinstance(route, APIRoute):
+            if route.path in routes_health.PUBLIC_PATHS:
+                continue
+            if any(dep.dependency in AUTH_DEPENDENCIES for dep in route.dependencies):
+                continue
+            raise UnprotectedRouteError(f"route {route.path} has no auth dependency and is not public")
+        raise UnprotectedRouteError(f"route {getattr(route, 'path', route)!r} cannot be checked for auth")
+
+
+def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if injected is not None:
+            yield
+            return
+        settings.check_paths()
+        from server.engine.engine import Engine
+
+        log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
+        engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        await engine.start()
+        app.state.engine = engine
+        log.info("serving %s on %s:%d", engine.base_model_id, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    return lifespan
