@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_SIZE = 500
-DIGITS_QUESTION = "what digit is this ?"
 EVAL_SEED_OFFSET = 1_000_003  # synthetic eval examples use seed + this, so they differ from the train draw
 
 
@@ -48,15 +47,18 @@ def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
     return img.convert("RGB")
 
 
-def digits_records(split: str, image_size: int, question: str = DIGITS_QUESTION, limit: int | None = None) -> list[Record]:
+def digits_records(split: str, image_size: int, limit: int | None = None) -> list[Record]:
+    """Digit `i` is asked with phrasing `i mod len(DIGIT_QUESTIONS)` of `training.synthetic.DIGIT_QUESTIONS`."""
     from sklearn.datasets import load_digits
+
+    from training.synthetic import DIGIT_QUESTIONS
 
     data = load_digits()
     indices = digits_split(split)[:limit]
     return [
         Record(
             image=digit_image(data.images[i], image_size),
-            turns=[(f"{IMAGE_TOKEN}\n{question}", str(int(data.target[i])))],
+            turns=[(f"{IMAGE_TOKEN}\n{DIGIT_QUESTIONS[i % len(DIGIT_QUESTIONS)]}", str(int(data.target[i])))],
             source=f"digits:{split}[{i}]",
         )
         for i in indices

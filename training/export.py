@@ -1,0 +1,110 @@
+"""Hand a trained prompt set over: bundle v1 on disk, curves PNG beside it, optional publish to a store or push to a server.
+
+- `export_bundle` writes `OUT/` through `prompts_store.format.save_bundle` (validated against the base's spec, atomic)
+  and the curves to `OUT.curves.png` beside it: a bundle directory holds exactly its manifest and tensors.
+- `publish` copies the bundle into a `BundleStore` root (e.g. `demo/bundles`) and its curves to
+  `ROOT/<name>@<version>.curves.png` (the store's root holds only name directories otherwise; files there are left alone).
+- `push` POSTs it to a running server: multipart `manifest` + `tensors` to `/v1/bundles` with
+  `Authorization: Bearer $M2PT_OPS_TOKEN`.
+`check_outputs` validates these options *before* training, so a bad URL or missing token does not cost a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from m2pt.prompts import PromptTensors
+from m2pt.spec import ModelSpec
+from training.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+OPS_TOKEN_ENV = "M2PT_OPS_TOKEN"
+PUSH_TIMEOUT_S = 60.0
+
+
+class ExportError(RuntimeError):
+    """The bundle could not be published or pushed; the message says why and what to change."""
+
+
+def curves_path(bundle_dir: str | Path) -> Path:
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".curves.png")
+
+
+def bundles_endpoint(url: str) -> str:
+    """`http://host:8000` or `.../v1/bundles` -> the `/v1/bundles` URL; refuses non-HTTP URLs."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ExportError(f"--push-url {url!r} must be an http(s) URL of an m2pt server, e.g. http://localhost:8000")
+    base = url.rstrip("/")
+    return base if base.endswith("/v1/bundles") else base + "/v1/bundles"
+
+
+def check_outputs(out: str, publish_store: str | None, push_url: str | None) -> None:
+    """Fail fast on output options that cannot work."""
+    out_path = Path(out)
+    if out_path.exists() and (not out_path.is_dir() or any(p.name not in {"manifest.json", "tensors.safetensors"} for p in out_path.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty or bundle directory; choose a new directory")
+    if push_url is not None:
+        bundles_endpoint(push_url)
+        if not os.environ.get(OPS_TOKEN_ENV):
+            raise ExportError(f"--push-url needs the server's ops token in ${OPS_TOKEN_ENV}")
+    if publish_store is not None and Path(publish_store).exists() and not Path(publish_store).is_dir():
+        raise ExportError(f"--publish-store {publish_store} exists and is not a directory")
+
+
+def export_bundle(
+    out: str | Path, prompts: PromptTensors, spec: ModelSpec, name: str, version: str | None,
+    provenance: dict[str, Any], history: dict[str, Any],
+) -> Path:
+    """Write the bundle and its curves PNG; returns the bundle directory."""
+    from prompts_store.format import save_bundle
+
+    bundle_dir = save_bundle(out, prompts, spec, name, version=version, provenance=provenance)
+    plot_curves(history, curves_path(bundle_dir), f"{name}: {provenance.get('dataset', {}).get('train', '')}")
+    return Path(bundle_dir)
+
+
+def publish(bundle_dir: Path, store_root: str | Path, name: str, version: str | None) -> Any:
+    """Publish into a filesystem `BundleStore` (curves PNG beside the name); returns its `BundleRef`."""
+    from prompts_store.store import BundleStore
+
+    ref = BundleStore(store_root).publish(bundle_dir, name, version)
+    curves = curves_path(bundle_dir)
+    if curves.is_file():
+        shutil.copyfile(curves, Path(store_root) / f"{ref.label}.curves.png")
+    log.info("published %s to store %s", ref, store_root)
+    return ref
+
+
+def push(bundle_dir: Path, url: str, token: str | None = None, timeout: float = PUSH_TIMEOUT_S) -> dict[str, Any]:
+    """Upload the bundle to a running server; returns the server's JSON reply."""
+    import httpx
+
+    from prompts_store.format import MANIFEST_FILE, TENSORS_FILE
+
+    endpoint = bundles_endpoint(url)
+    token = token or os.environ.get(OPS_TOKEN_ENV)
+    if not token:
+        raise ExportError(f"pushing needs the server's ops token in ${OPS_TOKEN_ENV}")
+    files = {
+        "manifest": (MANIFEST_FILE, (bundle_dir / MANIFEST_FILE).read_bytes(), "application/json"),
+        "tensors": (TENSORS_FILE, (bundle_dir / TENSORS_FILE).read_bytes(), "application/octet-stream"),
+    }
+    try:
+        reply = httpx.post(endpoint, files=files, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ExportError(f"could not reach {endpoint}: {exc}") from exc
+    if reply.status_code >= 400:
+        raise ExportError(f"{endpoint} refused the bundle: HTTP {reply.status_code} {reply.text[:500]}")
+    log.info("pushed %s to %s (HTTP %d)", bundle_dir.name, endpoint, reply.status_code)
+    try:
+        return reply.json()
+    except ValueError:
+        return {"status": reply.status_code}
