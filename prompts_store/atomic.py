@@ -1,14 +1,16 @@
 """Durable, atomic file operations (POSIX): write + fsync, tmp + rename, directory fsync, bounded reads.
 
-Contract: after `write_atomic(path, data)` returns, `path` holds `data` and survives a power cut; before, `path`
-holds its old content (or does not exist). A crash leaves at most a hidden `.<name>.tmp-*` file next to it, which
-the store sweeps. Reads refuse symlinks and files larger than the caller's cap. No bundle semantics here.
+Contract: after `write_atomic(path, data)` returns, `path` holds `data` and survives a power cut; before,
+`path` holds its old content (or does not exist). A crash leaves at most a hidden `.<name>.tmp-*` file next to
+it, which the store sweeps. Reads refuse symlinks and files larger than the caller's cap. No bundle semantics
+here.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -54,10 +56,16 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def read_capped(path: Path, cap: int) -> bytes | None:
-    """The bytes of regular file `path` (symlinks refused with OSError), or None when it is larger than `cap`."""
+    """The bytes of regular file `path` (symlinks refused with OSError), or None when it is larger than
+    `cap`."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(cap + 1)
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        if st.st_size > cap:
+            return None
+        data = f.read(st.st_size + 1)  # +1: notice a file that grew since fstat
     return None if len(data) > cap else data
 
 

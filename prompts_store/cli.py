@@ -1,10 +1,11 @@
 """`m2pt bundle ...`: inspect, validate, list, rm, push and publish prompt bundles from the command line.
 
-`add_bundle_commands(subparsers)` registers `bundle` and its subcommands; each sets `func(args) -> int` (exit code:
-0 ok, 1 the bundle/store/server refused, with the reason on stderr). Output goes to stdout (JSON where structured).
-`--store` defaults to `$M2PT_STORE`, else the store `m2pt serve` uses by default (`<repo>/demo/bundles`). `--model`
-reads only the checkpoint's config (no weights are loaded). Heavy imports happen inside the command functions.
-`main(argv)` runs `m2pt bundle`-style argv without the rest of the console script. This module does not serve HTTP.
+`add_bundle_commands(subparsers)` registers `bundle` and its subcommands; each sets `func(args) -> int` (exit
+code: 0 ok, 1 the bundle/store/server refused, with the reason on stderr). Output goes to stdout (JSON where
+structured). `--store` defaults to `$M2PT_STORE`, else the store `m2pt serve` uses by default
+(`<repo>/demo/bundles`). `--model` reads only the checkpoint's config (no weights are loaded). Heavy imports
+happen inside the command functions. `main(argv)` runs `m2pt bundle`-style argv without the rest of the
+console script. This module does not serve HTTP.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _fail(message: str) -> int:
 
 
 def spec_from_checkpoint(model: str):  # -> ModelSpec
-    """The `ModelSpec` of a LLaVA checkpoint (local dir or hub id), built from its config on the meta device."""
+    """The `ModelSpec` of a LLaVA checkpoint (local dir or hub id), built from its config on the meta
+    device."""
     import torch
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
@@ -97,7 +99,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = spec_from_checkpoint(args.model) if args.model else None
     loaded = load_bundle(args.dir, spec, _limits(args))
     against = f"base model {spec.model_id}" if spec else "the base model its manifest names"
-    _out(f"OK {loaded.label} {loaded.content_hash} ({loaded.nbytes} bytes of float32 tensors; checked against {against})")
+    _out(
+        f"OK {loaded.label} {loaded.content_hash} ({loaded.nbytes} bytes of float32 tensors; "
+        f"checked against {against})"
+    )
     return 0
 
 
@@ -106,8 +111,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     infos = BundleStore(args.store).list()
     if args.json:
-        _out([{"name": i.name, "latest": i.latest.label, "content_hash": i.latest.content_hash,
-               "versions": i.versions} for i in infos])  # fmt: skip
+        _out(
+            [
+                {
+                    "name": i.name,
+                    "latest": i.latest.label,
+                    "content_hash": i.latest.content_hash,
+                    "versions": i.versions,
+                }
+                for i in infos
+            ]
+        )
         return 0
     rows = [("NAME", "LATEST", "VERSIONS", "CONTENT HASH")]
     rows += [(i.name, i.latest.version, ",".join(i.versions), i.latest.content_hash[:23]) for i in infos]
@@ -130,8 +144,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from prompts_store.store import BundleStore
 
     spec = spec_from_checkpoint(args.model) if args.model else None
-    ref = BundleStore(args.store).publish(args.dir, name=args.name, version=args.version, spec=spec,
-                                          limits=_limits(args))  # fmt: skip
+    ref = BundleStore(args.store).publish(
+        args.dir, name=args.name, version=args.version, spec=spec, limits=_limits(args)
+    )
     _out({"bundle": ref.label, "content_hash": ref.content_hash, "path": str(ref.path)})
     return 0
 
@@ -150,9 +165,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         "manifest": (MANIFEST_FILE, manifest_bytes, "application/json"),
         "tensors": (TENSORS_FILE, tensor_bytes, "application/octet-stream"),
     }
+    fields = {k: v for k, v in (("name", args.name), ("version", args.version)) if v}
     url = args.url.rstrip("/") + "/v1/bundles"
     try:
-        resp = httpx.post(url, files=files, headers={"Authorization": f"Bearer {token}"}, timeout=args.timeout)
+        resp = httpx.post(
+            url, files=files, data=fields, headers={"Authorization": f"Bearer {token}"}, timeout=args.timeout
+        )
     except httpx.HTTPError as exc:
         return _fail(f"could not reach {url}: {exc}")
     try:
@@ -168,7 +186,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _guarded(func):
-    """Run a command; bundle/store errors and unreadable paths become exit code 1 with the message on stderr."""
+    """Run a command; bundle/store errors and unreadable paths become exit code 1 with the message on
+    stderr."""
 
     def run(args: argparse.Namespace) -> int:
         from prompts_store.errors import BundleError
@@ -186,7 +205,9 @@ def _guarded(func):
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-text-tokens", type=int, help="textual prompt tokens allowed per layer (default 64)")
-    p.add_argument("--max-visual-tokens", type=int, help="visual prompt tokens allowed per layer (default 64)")
+    p.add_argument(
+        "--max-visual-tokens", type=int, help="visual prompt tokens allowed per layer (default 64)"
+    )
     p.add_argument("--max-bytes", type=int, help="size cap of the bundle in bytes (default 256 MiB)")
 
 
@@ -221,7 +242,11 @@ def add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="bundle directory")
     p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", help=f"ops token (default: ${TOKEN_ENV})")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
+    p.add_argument("--name", help="publish under this name (default: the manifest's)")
+    p.add_argument("--version", help="explicit version (default: the server assigns the next v<N>)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)"
+    )
     p.set_defaults(func=_guarded(cmd_push))
 
     p = sub.add_parser("publish", help="validate a bundle directory and publish it into a store as NAME@vN")

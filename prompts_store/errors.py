@@ -1,8 +1,9 @@
-"""Errors of the bundle format and store: one type per failure, each with an HTTP status and a stable `error_type`.
+"""Errors of the bundle format and store: one type per failure, each with an HTTP status and a stable
+`error_type`.
 
 Every message says what is wrong AND how to fix it. The HTTP layer turns any `BundleError` into
-`{"error": {"type": err.error_type, "message": str(err)}}` with status `err.status`; the CLI prints the message and
-exits 1. This module only defines the types; it raises nothing itself.
+`{"error": {"type": err.error_type, "message": str(err)}}` with status `err.status`; the CLI prints the
+message and exits 1. This module only defines the types; it raises nothing itself.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class BundleManifestError(BundleError):
 
 
 class BundleNotSafetensorsError(BundleError):
-    """The tensors file is not a well-formed safetensors file (a pickle, truncated bytes, an oversized header...)."""
+    """The tensors file is not a well-formed safetensors file (a pickle, truncated bytes, an oversized
+    header...)."""
 
     status = 400
     error_type = "bundle_not_safetensors"

@@ -1,11 +1,12 @@
 """Bundle format v1 on disk: a directory holding exactly `manifest.json` and `tensors.safetensors`.
 
-- `save_bundle` writes fp32 tensors and a manifest (see `prompts_store.manifest` for its fields), validating the
-  result against `spec` before anything is written, through a temp directory + fsync + rename, so `out_dir` holds
-  either nothing new or a complete bundle.
+- `save_bundle` writes fp32 tensors and a manifest (see `prompts_store.manifest` for its fields), validating
+  the result against `spec` before anything is written, through a temp directory + fsync + rename, so
+  `out_dir` holds either nothing new or a complete bundle.
 - `read_manifest` parses only the manifest (cheap; for listings).
 - `load_bundle` checks the file set and the file sizes, then reads the bytes and runs the full validation of
-  `prompts_store.validate`. `validate_upload` runs the same validation on bytes already in memory (HTTP uploads).
+  `prompts_store.validate`. `validate_upload` runs the same validation on bytes already in memory (HTTP
+  uploads).
 
 Symlinks inside a bundle directory are refused. This module knows nothing about names@versions or stores;
 `prompts_store.store` does.
@@ -25,7 +26,7 @@ from m2pt.prompts import PromptTensors
 from m2pt.spec import ModelSpec
 from prompts_store.atomic import fsync_dir, read_capped, remove_tree, tmp_sibling, write_durable
 from prompts_store.errors import BundleFileSetError, BundleManifestError, BundleTooLargeError
-from prompts_store.limits import BundleLimits
+from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -64,7 +65,9 @@ def _json_provenance(provenance: dict[str, Any] | None) -> dict[str, Any]:
     try:
         out = json.loads(json.dumps(provenance or {}, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise BundleManifestError(f"provenance must be plain JSON (dict/list/str/finite numbers): {exc}") from None
+        raise BundleManifestError(
+            f"provenance must be plain JSON (dict/list/str/finite numbers): {exc}"
+        ) from None
     if not isinstance(out, dict):
         raise BundleManifestError("provenance must be a JSON object (a dict)")
     return out
@@ -114,7 +117,8 @@ def write_bundle_dir(directory: Path, manifest_bytes: bytes, tensor_bytes: bytes
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the complete bundle `tmp` to `out_dir`: a missing or empty `out_dir`, or one holding an old bundle."""
+    """Move the complete bundle `tmp` to `out_dir`: a missing or empty `out_dir`, or one holding an old
+    bundle."""
     if out_dir.is_dir() and not out_dir.is_symlink() and set(os.listdir(out_dir)) == BUNDLE_FILES:
         trash = tmp_sibling(out_dir)
         os.rename(out_dir, trash)
@@ -136,13 +140,16 @@ def save_bundle(
     """Write `prompts` as a bundle for base model `spec` into `out_dir` and return its path.
 
     `out_dir` may be missing, empty, or hold a previous bundle (replaced whole); anything else is refused.
-    Raises the `BundleError` validation would raise on load (wrong shapes for `spec`, NaN, ...) before writing.
+    Raises the `BundleError` validation would raise on load (wrong shapes for `spec`, NaN, ...) before
+    writing.
     """
     out_dir = Path(out_dir)
     manifest_bytes, tensor_bytes = encode_bundle(prompts, spec, name, version, provenance)
     validate_bytes(manifest_bytes, tensor_bytes, spec, _SAVE_LIMITS)
     if out_dir.exists() and (not out_dir.is_dir() or set(os.listdir(out_dir)) - BUNDLE_FILES):
-        raise BundleFileSetError(f"{out_dir} exists and is not an empty or bundle directory; choose a new directory")
+        raise BundleFileSetError(
+            f"{out_dir} exists and is not an empty or bundle directory; choose a new directory"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(out_dir)
     try:
@@ -158,11 +165,14 @@ def save_bundle(
 def _check_file_set(directory: Path) -> None:
     if not directory.is_dir() or directory.is_symlink():
         raise BundleFileSetError(
-            f"{directory} is not a bundle directory; pass the directory holding {MANIFEST_FILE} and {TENSORS_FILE}"
+            f"{directory} is not a bundle directory; pass the directory holding {MANIFEST_FILE} "
+            f"and {TENSORS_FILE}"
         )
     present = set(os.listdir(directory))
     missing, extra = sorted(BUNDLE_FILES - present), sorted(present - BUNDLE_FILES)
-    links = sorted(f for f in BUNDLE_FILES & present if not (directory / f).is_file() or (directory / f).is_symlink())
+    links = sorted(
+        f for f in BUNDLE_FILES & present if not (directory / f).is_file() or (directory / f).is_symlink()
+    )
     if missing or extra or links:
         raise BundleFileSetError(
             f"{directory} must hold exactly {MANIFEST_FILE} and {TENSORS_FILE} as regular files "
@@ -170,7 +180,9 @@ def _check_file_set(directory: Path) -> None:
         )
 
 
-def read_bundle_bytes(directory: str | os.PathLike[str], limits: BundleLimits = BundleLimits()) -> tuple[bytes, bytes]:
+def read_bundle_bytes(
+    directory: str | os.PathLike[str], limits: BundleLimits = DEFAULT_LIMITS
+) -> tuple[bytes, bytes]:
     """File-set check, size caps from the file sizes, then (manifest bytes, tensor bytes)."""
     directory = Path(directory)
     _check_file_set(directory)
@@ -184,18 +196,20 @@ def read_bundle_bytes(directory: str | os.PathLike[str], limits: BundleLimits = 
     return manifest_bytes, tensor_bytes
 
 
-def read_manifest(directory: str | os.PathLike[str], limits: BundleLimits = BundleLimits()) -> Manifest:
+def read_manifest(directory: str | os.PathLike[str], limits: BundleLimits = DEFAULT_LIMITS) -> Manifest:
     """Parse `manifest.json` of a bundle directory (no tensor is read)."""
     directory = Path(directory)
     _check_file_set(directory)
     data = read_capped(directory / MANIFEST_FILE, limits.max_manifest_bytes)
     if data is None:
-        raise BundleManifestError(f"{directory / MANIFEST_FILE} is over the {limits.max_manifest_bytes}-byte cap")
+        raise BundleManifestError(
+            f"{directory / MANIFEST_FILE} is over the {limits.max_manifest_bytes}-byte cap"
+        )
     return parse_manifest(data, limits)
 
 
 def load_bundle(
-    directory: str | os.PathLike[str], spec: ModelSpec | None = None, limits: BundleLimits = BundleLimits()
+    directory: str | os.PathLike[str], spec: ModelSpec | None = None, limits: BundleLimits = DEFAULT_LIMITS
 ) -> LoadedBundle:
     """Validate and load a bundle directory (see `prompts_store.validate` for the order of checks)."""
     manifest_bytes, tensor_bytes = read_bundle_bytes(directory, limits)
@@ -203,7 +217,7 @@ def load_bundle(
 
 
 def validate_upload(
-    manifest_bytes: bytes, tensor_bytes: bytes, spec: ModelSpec | None, limits: BundleLimits = BundleLimits()
+    manifest_bytes: bytes, tensor_bytes: bytes, spec: ModelSpec | None, limits: BundleLimits = DEFAULT_LIMITS
 ) -> LoadedBundle:
     """Validate an uploaded bundle entirely in memory; nothing is written anywhere."""
     return validate_bytes(manifest_bytes, tensor_bytes, spec, limits)

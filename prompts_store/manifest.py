@@ -1,13 +1,15 @@
 """The bundle manifest (format v1): schema, strict parsing from bytes, serialisation and the content hash.
 
-`manifest.json` records `format_version` (1), `name`, `version`, `created_at`, `base_model` {`model_id`, `fingerprint`,
-`spec`}, `text_prompts` / `visual_prompts` (prompt lengths Lt / Lv), `tensors` {name: {`shape`, `dtype`, `sha256`}},
-`dtype`, `has_projector`, `provenance` (free-form JSON: dataset, steps, metrics, ...) and `content_hash`.
+`manifest.json` records `format_version` (1), `name`, `version`, `created_at`, `base_model` {`model_id`,
+`fingerprint`, `spec`}, `text_prompts` / `visual_prompts` (prompt lengths Lt / Lv), `tensors` {name: {`shape`,
+`dtype`, `sha256`}}, `dtype`, `has_projector`, `provenance` (free-form JSON: dataset, steps, metrics, ...) and
+`content_hash`.
 
-`content_hash` covers the tensors' hashes, shapes and dtypes plus the compatibility fields (format version, base-model
-fingerprint, prompt lengths, dtype, projector flag) and nothing else, so equal content gives an equal hash whatever the
-name, version, date or provenance; caches key on it. Parsing refuses oversized, too deep, duplicate-key or non-JSON
-input, unknown keys and wrong types. This module does not look at tensor bytes; `prompts_store.validate` does.
+`content_hash` covers the tensors' hashes, shapes and dtypes plus the compatibility fields (format version,
+base-model fingerprint, prompt lengths, dtype, projector flag) and nothing else, so equal content gives an
+equal hash whatever the name, version, date or provenance; caches key on it. Parsing refuses oversized, too
+deep, duplicate-key or non-JSON input, unknown keys and wrong types. This module does not look at tensor
+bytes; `prompts_store.validate` does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from m2pt.spec import ModelSpec
 from prompts_store.errors import BundleFormatVersionError, BundleManifestError
-from prompts_store.limits import BundleLimits
+from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.names import validate_name, validate_version
 
 FORMAT_VERSION = 1
@@ -53,7 +55,8 @@ class BaseModelInfo(BaseModel):
 
 
 class Manifest(BaseModel):
-    """A parsed, schema-valid manifest. Consistency with the tensors file is checked by `prompts_store.validate`."""
+    """A parsed, schema-valid manifest. Consistency with the tensors file is checked by
+    `prompts_store.validate`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -90,7 +93,8 @@ def compute_content_hash(
     has_projector: bool,
     tensors: dict[str, TensorInfo],
 ) -> str:
-    """`sha256:<hex>` of the canonical JSON of the compatibility fields and every tensor's shape, dtype and sha256."""
+    """`sha256:<hex>` of the canonical JSON of the compatibility fields and every tensor's shape, dtype and
+    sha256."""
     blob = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -146,7 +150,9 @@ def _load_json(data: bytes, limits: BundleLimits) -> dict[str, Any]:
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
-        raise BundleManifestError(f"manifest.json is not valid UTF-8 JSON ({reason[:120]}); re-export the bundle") from None
+        raise BundleManifestError(
+            f"manifest.json is not valid UTF-8 JSON ({reason[:120]}); re-export the bundle"
+        ) from None
     if not isinstance(raw, dict):
         raise BundleManifestError("manifest.json must hold a JSON object; re-export the bundle")
     if _depth(raw) > limits.max_manifest_depth:
@@ -168,7 +174,9 @@ def _check_version_field(raw: dict[str, Any]) -> None:
 def _schema_error(exc: ValidationError) -> BundleManifestError:
     parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:4]]
     more = f" (+{exc.error_count() - 4} more)" if exc.error_count() > 4 else ""
-    return BundleManifestError(f"manifest.json does not match format v1: {'; '.join(parts)}{more}; re-export the bundle")
+    return BundleManifestError(
+        f"manifest.json does not match format v1: {'; '.join(parts)}{more}; re-export the bundle"
+    )
 
 
 def _check_semantics(m: Manifest) -> None:
@@ -178,18 +186,23 @@ def _check_semantics(m: Manifest) -> None:
     try:
         datetime.fromisoformat(m.created_at)
     except ValueError:
-        raise BundleManifestError(f"manifest created_at {m.created_at[:40]!r} is not an ISO 8601 time") from None
+        raise BundleManifestError(
+            f"manifest created_at {m.created_at[:40]!r} is not an ISO 8601 time"
+        ) from None
     try:
         spec = m.model_spec()
     except (TypeError, ValueError, AttributeError) as exc:
-        raise BundleManifestError(f"manifest base_model.spec is not a model spec ({exc}); re-export the bundle") from None
+        raise BundleManifestError(
+            f"manifest base_model.spec is not a model spec ({exc}); re-export the bundle"
+        ) from None
     if spec.fingerprint() != m.base_model.fingerprint:
         raise BundleManifestError(
-            "manifest base_model.spec does not hash to base_model.fingerprint (edited by hand?); re-export the bundle"
+            "manifest base_model.spec does not hash to base_model.fingerprint (edited by hand?); "
+            "re-export the bundle"
         )
 
 
-def parse_manifest(data: bytes, limits: BundleLimits = BundleLimits()) -> Manifest:
+def parse_manifest(data: bytes, limits: BundleLimits = DEFAULT_LIMITS) -> Manifest:
     """Bytes -> `Manifest`. Raises `BundleManifestError` / `BundleFormatVersionError` / `BundleNameError`."""
     raw = _load_json(data, limits)
     _check_version_field(raw)

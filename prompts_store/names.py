@@ -1,7 +1,9 @@
-"""Bundle names, versions and `name@version` references: the one place that decides what is a valid identifier.
+"""Bundle names, versions and `name@version` references: the one place that decides what is a valid
+identifier.
 
-Names and versions match `^[a-z0-9][a-z0-9._-]{0,63}$`, so they can never spell a path (`..`, `/`, a leading dot,
-NUL) and are checked before any path is built from them. This module builds no paths and touches no files.
+Names and versions match `^[a-z0-9][a-z0-9._-]{0,63}$`, so they can never spell a path (`..`, `/`, a leading
+dot, NUL) and are checked before any path is built from them. This module builds no paths and touches no
+files.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def _show(value: object) -> str:
 def validate_name(name: object, what: str = "bundle name") -> str:
     """Return `name` if it is a valid name, else raise `BundleNameError` saying what the rule is."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise BundleNameError(f"invalid {what} {_show(name)}: use {_RULE} (for example 'colors' or 'digits-v2')")
+        raise BundleNameError(
+            f"invalid {what} {_show(name)}: use {_RULE} (for example 'colors' or 'digits-v2')"
+        )
     return name
 
 

@@ -1,13 +1,14 @@
 """Strict parser of the safetensors container, run on raw bytes BEFORE the `safetensors` library sees them.
 
-Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name: {dtype, shape, data_offsets}, "__metadata__":
-{str: str}}`, then the data buffer. We refuse (with `BundleNotSafetensorsError`) anything that is not exactly that:
-a pickle or zip renamed to `.safetensors`, truncated bytes, a header longer than the cap, non-UTF-8 / non-JSON headers,
-unknown dtypes, offsets out of range, overlapping or leaving gaps, shape products that disagree with the byte
-counts, and trailing bytes. Nothing is unpickled or executed, and no tensor is materialised here.
+Layout: 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name: {dtype, shape, data_offsets},
+"__metadata__": {str: str}}`, then the data buffer. We refuse (with `BundleNotSafetensorsError`) anything that
+is not exactly that: a pickle or zip renamed to `.safetensors`, truncated bytes, a header longer than the cap,
+non-UTF-8 / non-JSON headers, unknown dtypes, offsets out of range, overlapping or leaving gaps, shape
+products that disagree with the byte counts, and trailing bytes. Nothing is unpickled or executed, and no
+tensor is materialised here.
 
-`tensor_sha256` hashes each tensor's raw little-endian bytes straight from the buffer (what the manifest records).
-This module does not check names or shapes against a model; `prompts_store.validate` does.
+`tensor_sha256` hashes each tensor's raw little-endian bytes straight from the buffer (what the manifest
+records). This module does not check names or shapes against a model; `prompts_store.validate` does.
 """
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ from prompts_store.errors import BundleNotSafetensorsError
 
 # safetensors dtype code -> bytes per element
 ITEM_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_FIX = "export the bundle with `prompts_store.save_bundle` (or `m2pt train`), which writes a real safetensors file"
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+}
+_FIX = "re-export the bundle with `prompts_store.save_bundle` (or `m2pt train`): it writes real safetensors"
 
 
 @dataclass(frozen=True)
@@ -61,7 +75,9 @@ def _read_json_header(data: bytes, max_header_bytes: int) -> tuple[int, object]:
             "(a pickle, zip or other file renamed to .safetensors looks like this)"
         )
     if n < 2 or 8 + n > len(data):
-        raise _bad(f"header length field says {n} bytes but the file holds {len(data) - 8} after it (truncated?)")
+        raise _bad(
+            f"header length field says {n} bytes but the file holds {len(data) - 8} after it (truncated?)"
+        )
     try:
         text = data[8 : 8 + n].decode("utf-8")
         return n, json.loads(text)
@@ -88,7 +104,9 @@ def _parse_entry(name: str, raw: object) -> TensorEntry:
     for d in shape:
         numel *= d  # Python ints: no overflow
     if numel * ITEM_SIZES[dtype] != offsets[1] - offsets[0]:
-        raise _bad(f"entry {name!r}: shape {shape} x {dtype} does not match its {offsets[1] - offsets[0]} data bytes")
+        raise _bad(
+            f"entry {name!r}: shape {shape} x {dtype} does not match its {offsets[1] - offsets[0]} data bytes"
+        )
     return TensorEntry(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
 
@@ -98,7 +116,9 @@ def parse_header(data: bytes, max_header_bytes: int) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise _bad("header JSON is not an object")
     metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _bad("__metadata__ must map strings to strings")
     tensors = {name: _parse_entry(name, raw) for name, raw in header.items()}
     cursor = 0
@@ -118,5 +138,6 @@ def tensor_sha256(data: bytes, header: SafetensorsHeader) -> dict[str, str]:
     view = memoryview(data)
     start = header.data_start
     return {
-        name: hashlib.sha256(view[start + e.begin : start + e.end]).hexdigest() for name, e in header.tensors.items()
+        name: hashlib.sha256(view[start + e.begin : start + e.end]).hexdigest()
+        for name, e in header.tensors.items()
     }

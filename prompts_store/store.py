@@ -1,14 +1,15 @@
 """`BundleStore`: a versioned filesystem store of validated bundles (`name@version`, a moving `latest`).
 
 Contract:
-- Versions are immutable. Auto versions are `v1, v2, ...` and never reused, even after a delete; explicit versions
-  use the name charset and must be new (else `BundleConflictError`). `latest` is the most recently published
-  version still present.
+- Versions are immutable. Auto versions are `v1, v2, ...` and never reused, even after a delete; explicit
+  versions use the name charset and must be new (else `BundleConflictError`). `latest` is the most recently
+  published version still present.
 - Publishing validates the bundle (nothing is written for a bad one), stages it under `.tmp/` on the same
-  filesystem with fsyncs, then, under the name's `flock`, allocates the version, renames the directory into place and
-  atomically rewrites `<name>/index.json` (the commit point). Concurrent publishers (threads or processes) get
-  distinct versions. A crash at any moment leaves the old or the new state; debris is swept when a store is opened
-  while no publish or delete is in flight (see `prompts_store.store_index` for the layout and locks).
+  filesystem with fsyncs, then, under the name's `flock`, allocates the version, renames the directory into
+  place and atomically rewrites `<name>/index.json` (the commit point). Concurrent publishers (threads or
+  processes) get distinct versions. A crash at any moment leaves the old or the new state; debris is swept
+  when a store is opened while no publish or delete is in flight (see `prompts_store.store_index` for the
+  layout and locks).
 - Names and versions are validated before any path is built; symlinks in the store are refused.
 It does not cache loaded bundles or talk HTTP; the server does.
 """
@@ -33,7 +34,7 @@ from prompts_store.errors import (
     BundleStoreError,
 )
 from prompts_store.format import TENSORS_FILE, encode_bundle, read_bundle_bytes, read_manifest
-from prompts_store.limits import BundleLimits
+from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.manifest import MANIFEST_FILE, utc_now_iso
 from prompts_store.names import NAME_RE, parse_ref, validate_name, validate_version
 from prompts_store.store_index import (
@@ -122,7 +123,7 @@ class BundleStore:
             ) from None
         self.sweep()
 
-    # ---- paths and locks -------------------------------------------------------------------------------------
+    # ---- paths and locks -----------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
         path = self.root / validate_name(name)
         if path.is_symlink():
@@ -138,9 +139,10 @@ class BundleStore:
     def _ref(self, name: str, entry: IndexEntry) -> BundleRef:
         return BundleRef(name, entry.version, entry.content_hash, self._name_dir(name) / entry.version)
 
-    # ---- crash recovery --------------------------------------------------------------------------------------
+    # ---- crash recovery ------------------------------------------------------------------------------------
     def sweep(self) -> bool:
-        """Remove debris of crashed publishes/deletes. Runs only when nothing is in flight; returns whether it ran."""
+        """Remove debris of crashed publishes/deletes. Runs only when nothing is in flight; returns whether
+        it ran."""
         with try_flock_exclusive(self.root / LOCKS_DIR / STORE_LOCK) as exclusive:
             if not exclusive:
                 log.info("bundle store %s busy; sweep skipped", self.root)
@@ -165,14 +167,14 @@ class BundleStore:
                 log.warning("bundle store: removing debris %s", entry)
                 remove_tree(entry)
 
-    # ---- publish ---------------------------------------------------------------------------------------------
+    # ---- publish -------------------------------------------------------------------------------------------
     def publish(
         self,
         src: str | os.PathLike[str] | LoadedBundle,
         name: str | None = None,
         version: str | None = None,
         spec: ModelSpec | None = None,
-        limits: BundleLimits = BundleLimits(),
+        limits: BundleLimits = DEFAULT_LIMITS,
     ) -> BundleRef:
         """Publish a bundle directory (or an already loaded bundle, re-encoded as float32) as `name@version`.
 
@@ -180,7 +182,9 @@ class BundleStore:
         """
         if isinstance(src, LoadedBundle):
             m = src.manifest
-            manifest_bytes, tensor_bytes = encode_bundle(src.prompts, m.model_spec(), m.name, None, m.provenance)
+            manifest_bytes, tensor_bytes = encode_bundle(
+                src.prompts, m.model_spec(), m.name, None, m.provenance
+            )
         else:
             manifest_bytes, tensor_bytes = read_bundle_bytes(src, limits)
         return self.publish_files(manifest_bytes, tensor_bytes, spec, limits, name=name, version=version)
@@ -190,11 +194,12 @@ class BundleStore:
         manifest_bytes: bytes,
         tensor_bytes: bytes,
         spec: ModelSpec | None,
-        limits: BundleLimits = BundleLimits(),
+        limits: BundleLimits = DEFAULT_LIMITS,
         name: str | None = None,
         version: str | None = None,
     ) -> BundleRef:
-        """Validate an uploaded bundle in memory, then publish it. Nothing is visible or left behind on failure."""
+        """Validate an uploaded bundle in memory, then publish it. Nothing is visible or left behind on
+        failure."""
         if name is not None:
             validate_name(name)
         if version is not None:
@@ -214,7 +219,8 @@ class BundleStore:
         return ref
 
     def _commit(self, staging: Path, loaded: LoadedBundle, name: str, version: str | None) -> BundleRef:
-        """Under the name lock: allocate the version, finish the staged dir, rename it into place, rewrite the index."""
+        """Under the name lock: allocate the version, finish the staged dir, rename it into place, rewrite
+        the index."""
         name_dir = self._name_dir(name)
         name_dir.mkdir(exist_ok=True)
         index = read_index(name_dir, name)
@@ -238,17 +244,22 @@ class BundleStore:
         write_index(name_dir, NameIndex(name, next_auto, (*index.versions, entry)))
         return self._ref(name, entry)
 
-    # ---- read ------------------------------------------------------------------------------------------------
+    # ---- read ----------------------------------------------------------------------------------------------
     def resolve(self, ref: str) -> BundleRef:
-        """`"name"` (latest) or `"name@version"` -> `BundleRef`; raises `BundleNotFoundError` / `BundleNameError`."""
+        """`"name"` (latest) or `"name@version"` -> `BundleRef`; raises `BundleNotFoundError` /
+        `BundleNameError`."""
         name, version = parse_ref(ref)
         index = read_index(self._name_dir(name), name)
         if index.latest is None:
-            raise BundleNotFoundError(f"no bundle named {name!r}; `m2pt bundle list` (or GET /v1/bundles) shows them")
+            raise BundleNotFoundError(
+                f"no bundle named {name!r}; `m2pt bundle list` (or GET /v1/bundles) shows them"
+            )
         entry = index.latest if version is None else index.find(version)
         if entry is None:
             have = ", ".join(e.version for e in index.versions)
-            raise BundleNotFoundError(f"bundle {name!r} has no version {version!r}; published versions: {have}")
+            raise BundleNotFoundError(
+                f"bundle {name!r} has no version {version!r}; published versions: {have}"
+            )
         return self._ref(name, entry)
 
     def list(self) -> list[BundleInfo]:
@@ -267,7 +278,9 @@ class BundleStore:
         index = read_index(self._name_dir(name), name)
         entries = list(index.versions) if version is None else [self.resolve(ref)]
         if not entries:
-            raise BundleNotFoundError(f"no bundle named {name!r}; `m2pt bundle list` (or GET /v1/bundles) shows them")
+            raise BundleNotFoundError(
+                f"no bundle named {name!r}; `m2pt bundle list` (or GET /v1/bundles) shows them"
+            )
         latest = index.latest.version if index.latest else None
         return [self._version_info(name, e.version, latest) for e in entries]
 
@@ -297,9 +310,10 @@ class BundleStore:
         )
 
     def load(
-        self, ref: str | BundleRef, spec: ModelSpec | None = None, limits: BundleLimits = BundleLimits()
+        self, ref: str | BundleRef, spec: ModelSpec | None = None, limits: BundleLimits = DEFAULT_LIMITS
     ) -> LoadedBundle:
-        """Resolve (if given a string), then fully validate and load. Its content hash must match the index."""
+        """Resolve (if given a string), then fully validate and load. Its content hash must match the
+        index."""
         from prompts_store.format import load_bundle
 
         if isinstance(ref, str):
@@ -312,14 +326,15 @@ class BundleStore:
             raise
         if loaded.content_hash != ref.content_hash:
             raise BundleHashError(
-                f"{ref.label} on disk has content hash {loaded.content_hash}, the store index says {ref.content_hash}; "
-                "the store was modified outside m2pt: delete and re-publish this version"
+                f"{ref.label} on disk has content hash {loaded.content_hash}, the store index says "
+                f"{ref.content_hash}; the store was modified outside m2pt: delete and re-publish this version"
             )
         return loaded
 
-    # ---- delete ----------------------------------------------------------------------------------------------
+    # ---- delete --------------------------------------------------------------------------------------------
     def delete(self, name: str, version: str | None = None) -> list[BundleRef]:
-        """Delete one version, or every version of `name`. Returns what was deleted; unknown -> `BundleNotFoundError`.
+        """Delete one version, or every version of `name`. Returns what was deleted; unknown ->
+        `BundleNotFoundError`.
 
         Version numbers are not reused afterwards. Processes that already loaded the bundle keep their copy.
         """
@@ -331,7 +346,9 @@ class BundleStore:
             gone = [e for e in index.versions if version is None or e.version == version]
             if not gone:
                 what = f"{name}@{version}" if version else name
-                raise BundleNotFoundError(f"no bundle {what} to delete; `m2pt bundle list` shows what is published")
+                raise BundleNotFoundError(
+                    f"no bundle {what} to delete; `m2pt bundle list` shows what is published"
+                )
             keep = tuple(e for e in index.versions if e not in gone)
             write_index(name_dir, NameIndex(name, index.next_auto, keep))  # commit point
             refs = [self._ref(name, e) for e in gone]

@@ -1,17 +1,18 @@
-"""The store's on-disk bookkeeping: the per-name `index.json` (the single source of truth for what is published)
-and the `flock` locks that make publishing and deleting safe across threads and processes.
+"""The store's on-disk bookkeeping: the per-name `index.json` (the single source of truth for what is
+published) and the `flock` locks that make publishing and deleting safe across threads and processes.
 
 Layout under the store root::
 
-    .locks/store.lock       shared by every publish/delete in flight; exclusive (non-blocking) by the sweep at open
-    .locks/<name>.lock      exclusive around a name's commit (allocate version, rename, rewrite index)
-    .tmp/<uuid>/            staging directories (same filesystem as the bundles, so rename is atomic)
-    <name>/index.json       {"format": 1, "name", "next_auto", "versions": [{"version", "content_hash", "published_at"}]}
-    <name>/<version>/       manifest.json + tensors.safetensors
+    .locks/store.lock    shared by every publish/delete in flight; exclusive (non-blocking) by the sweep
+    .locks/<name>.lock   exclusive around a name's commit (allocate version, rename, rewrite index)
+    .tmp/<uuid>/         staging directories (same filesystem as the bundles, so rename is atomic)
+    <name>/index.json    {"format": 1, "name", "next_auto",
+                          "versions": [{"version", "content_hash", "published_at"}]}
+    <name>/<version>/    manifest.json + tensors.safetensors
 
-A version is visible exactly when `index.json` lists it; `index.json` is only ever replaced atomically, so readers need
-no lock. A version directory that the index does not list is debris from a crash and is removed by the sweep. The
-last entry of `versions` is `latest`. This module does no bundle validation.
+A version is visible exactly when `index.json` lists it; `index.json` is only ever replaced atomically, so
+readers need no lock. A version directory that the index does not list is debris from a crash and is removed
+by the sweep. The last entry of `versions` is `latest`. This module does no bundle validation.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class NameIndex:
-    """Published versions of one name, oldest first; `next_auto` is the number of the next auto version `v<N>`."""
+    """Published versions of one name, oldest first; `next_auto` is the number of the next auto version
+    `v<N>`."""
 
     name: str
     next_auto: int = 1
@@ -75,15 +77,17 @@ def read_index(name_dir: Path, name: str) -> NameIndex:
     except FileNotFoundError:
         return NameIndex(name=name)
     except OSError as exc:
-        raise BundleStoreError(f"cannot read {path} ({exc}); check the store directory's permissions") from None
+        raise BundleStoreError(
+            f"cannot read {path} ({exc}); check the store directory's permissions"
+        ) from None
     try:
         raw = json.loads(data or b"")
         entries = tuple(IndexEntry(**e) for e in raw["versions"])
         return NameIndex(name=name, next_auto=int(raw["next_auto"]), versions=entries)
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleStoreError(
-            f"{path} is unreadable ({type(exc).__name__}); it is only written atomically, so the store directory was "
-            "edited by hand: restore it from backup or delete the name's directory"
+            f"{path} is unreadable ({type(exc).__name__}); it is only written atomically, so the store "
+            "directory was edited by hand: restore it from backup or delete the name's directory"
         ) from None
 
 
@@ -94,8 +98,9 @@ def write_index(name_dir: Path, index: NameIndex) -> None:
 
 @contextmanager
 def flocked(path: Path, shared: bool = False) -> Iterator[None]:
-    """Hold a blocking `flock` on `path` (created if needed). Each call opens its own descriptor, so the lock also
-    excludes other threads of this process; the kernel drops it when the process dies (SIGKILL included)."""
+    """Hold a blocking `flock` on `path` (created if needed). Each call opens its own descriptor, so the
+    lock also excludes other threads of this process; the kernel drops it when the process dies (SIGKILL
+    included)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)

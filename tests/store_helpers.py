@@ -1,5 +1,5 @@
-"""Helpers for the prompts_store tests: real bundles for the tiny model, and hand-crafted bad ones whose hashes are
-recomputed so that exactly the intended validation step fails."""
+"""Helpers for the prompts_store tests: real bundles for the tiny model, and hand-crafted bad ones whose
+hashes are recomputed so that exactly the intended validation step fails."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from prompts_store.manifest import TensorInfo, compute_content_hash
 from prompts_store.st_header import parse_header, tensor_sha256
 
 
-def tiny_prompts(tiny, seed: int = 0, text_len: int = 3, visual_len: int = 2, projector: bool = True) -> PromptTensors:
+def tiny_prompts(
+    tiny, seed: int = 0, text_len: int = 3, visual_len: int = 2, projector: bool = True
+) -> PromptTensors:
     base = tiny.model.model.multi_modal_projector.state_dict() if projector else None
     prompts = init_prompts(tiny.spec, text_len, visual_len, base_projector=base, seed=seed)
     if prompts.projector:  # make the tuned projector differ per seed, like a trained one
         gen = torch.Generator().manual_seed(seed)
-        prompts.projector = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()}
+        prompts.projector = {
+            k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()
+        }
     return prompts
 
 
@@ -38,7 +42,8 @@ def read_files(bundle_dir: Path) -> tuple[dict, bytes]:
 
 
 def rehash(manifest: dict, tensor_bytes: bytes, dtype_names: dict[str, str] | None = None) -> dict:
-    """Recompute per-tensor entries and the content hash of `manifest` from `tensor_bytes` (shapes, dtypes, sha256)."""
+    """Recompute per-tensor entries and the content hash of `manifest` from `tensor_bytes` (shapes, dtypes,
+    sha256)."""
     codes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8"}
     header = parse_header(tensor_bytes, 1 << 20)
     hashes = tensor_sha256(tensor_bytes, header)

@@ -1,5 +1,6 @@
-"""Every bad bundle is refused with its own error type and a message saying how to fix it, by `load_bundle`, by
-`validate_upload` and by the store (which must then be byte-for-byte unchanged: nothing partly written)."""
+"""Every bad bundle is refused with its own error type and a message saying how to fix it, by
+`load_bundle`, by `validate_upload` and by the store (which must then be byte-for-byte unchanged: nothing
+partly written)."""
 
 from __future__ import annotations
 
@@ -120,65 +121,151 @@ def _without(key):
 CASES = {
     "missing_file": (_missing, E.BundleFileSetError, r"missing: \['tensors.safetensors'\].*re-export", None),
     "extra_file": (_extra, E.BundleFileSetError, r"unexpected: \['notes.txt'\]", None),
-    "symlinked_file": (_symlinked, E.BundleFileSetError, r"not regular files: \['tensors.safetensors'\]", None),
+    "symlinked_file": (
+        _symlinked,
+        E.BundleFileSetError,
+        r"not regular files: \['tensors.safetensors'\]",
+        None,
+    ),
     "manifest_not_json": (
-        lambda g, o, t: write_raw(o, b"{'name': 1", read_files(g)[1]), E.BundleManifestError, r"not valid UTF-8 JSON", None
+        lambda g, o, t: write_raw(o, b"{'name': 1", read_files(g)[1]),
+        E.BundleManifestError,
+        r"not valid UTF-8 JSON",
+        None,
     ),
     "manifest_huge": (
-        lambda g, o, t: _with(g, o, provenance={"log": "x" * 100_000}), E.BundleManifestError, r"over the 65536-byte cap", None
+        lambda g, o, t: _with(g, o, provenance={"log": "x" * 100_000}),
+        E.BundleManifestError,
+        r"over the 65536-byte cap",
+        None,
     ),
     "manifest_deep": (_deep, E.BundleManifestError, r"nests deeper than 16 levels", None),
-    "manifest_missing_field": (_without("tensors"), E.BundleManifestError, r"tensors: Field required.*re-export", None),
-    "manifest_unknown_field": (lambda g, o, t: _with(g, o, extra=1), E.BundleManifestError, r"extra: Extra inputs", None),
-    "manifest_bad_name": (lambda g, o, t: _with(g, o, name="../x"), E.BundleNameError, r"invalid manifest name", None),
-    "format_version": (
-        lambda g, o, t: _with(g, o, format_version=2), E.BundleFormatVersionError, r"format_version is 2; .* reads format_version 1", None
+    "manifest_missing_field": (
+        _without("tensors"),
+        E.BundleManifestError,
+        r"tensors: Field required.*re-export",
+        None,
     ),
-    "other_fingerprint": (_other_model, E.BundleFingerprintError, r"'other-llava'.*llm_dim 128 vs 64.*train and export", None),
+    "manifest_unknown_field": (
+        lambda g, o, t: _with(g, o, extra=1),
+        E.BundleManifestError,
+        r"extra: Extra inputs",
+        None,
+    ),
+    "manifest_bad_name": (
+        lambda g, o, t: _with(g, o, name="../x"),
+        E.BundleNameError,
+        r"invalid manifest name",
+        None,
+    ),
+    "format_version": (
+        lambda g, o, t: _with(g, o, format_version=2),
+        E.BundleFormatVersionError,
+        r"format_version is 2; .* reads format_version 1",
+        None,
+    ),
+    "other_fingerprint": (
+        _other_model,
+        E.BundleFingerprintError,
+        r"'other-llava'.*llm_dim 128 vs 64.*train and export",
+        None,
+    ),
     "pickle_renamed": (None, E.BundleNotSafetensorsError, r"header length field says .*pickle", None),
     "truncated": (
-        lambda g, o, t: _tensor_bytes(g, o, read_files(g)[1][:-10]), E.BundleNotSafetensorsError, r"truncated data", None
+        lambda g, o, t: _tensor_bytes(g, o, read_files(g)[1][:-10]),
+        E.BundleNotSafetensorsError,
+        r"truncated data",
+        None,
     ),
     "truncated_to_nothing": (
-        lambda g, o, t: _tensor_bytes(g, o, b"\x10\x00"), E.BundleNotSafetensorsError, r"too short", None
+        lambda g, o, t: _tensor_bytes(g, o, b"\x10\x00"),
+        E.BundleNotSafetensorsError,
+        r"too short",
+        None,
     ),
-    "oversized_header": (_huge_header, E.BundleNotSafetensorsError, r"2097152 bytes, over the 1048576-byte cap", None),
+    "oversized_header": (
+        _huge_header,
+        E.BundleNotSafetensorsError,
+        r"2097152 bytes, over the 1048576-byte cap",
+        None,
+    ),
     "header_length_2_pow_63": (
-        lambda g, o, t: _tensor_bytes(g, o, (1 << 63).to_bytes(8, "little") + b"{}"), E.BundleNotSafetensorsError, r"over the", None
+        lambda g, o, t: _tensor_bytes(g, o, (1 << 63).to_bytes(8, "little") + b"{}"),
+        E.BundleNotSafetensorsError,
+        r"over the",
+        None,
     ),
     "header_not_json": (
-        lambda g, o, t: _tensor_bytes(g, o, (4).to_bytes(8, "little") + b"\xff\xfe{}"), E.BundleNotSafetensorsError, r"not UTF-8 JSON", None
+        lambda g, o, t: _tensor_bytes(g, o, (4).to_bytes(8, "little") + b"\xff\xfe{}"),
+        E.BundleNotSafetensorsError,
+        r"not UTF-8 JSON",
+        None,
     ),
     "trailing_bytes": (
-        lambda g, o, t: _tensor_bytes(g, o, read_files(g)[1] + b"junk"), E.BundleNotSafetensorsError, r"trailing bytes", None
+        lambda g, o, t: _tensor_bytes(g, o, read_files(g)[1] + b"junk"),
+        E.BundleNotSafetensorsError,
+        r"trailing bytes",
+        None,
     ),
     "wrong_shape": (
-        _modified("text_prompts", lambda t: torch.zeros(t.shape[0], t.shape[1], t.shape[2] + 1)), E.BundleShapeError, r"needs \[2, 3, 64\]", None
+        _modified("text_prompts", lambda t: torch.zeros(t.shape[0], t.shape[1], t.shape[2] + 1)),
+        E.BundleShapeError,
+        r"needs \[2, 3, 64\]",
+        None,
     ),
     "unexpected_tensor": (
-        lambda g, o, t: craft(o, g, {**_flat(g), "evil": torch.zeros(2)}), E.BundleShapeError, r"unexpected tensors \['evil'\]", None
+        lambda g, o, t: craft(o, g, {**_flat(g), "evil": torch.zeros(2)}),
+        E.BundleShapeError,
+        r"unexpected tensors \['evil'\]",
+        None,
     ),
     "wrong_dtype": (
-        lambda g, o, t: craft(o, g, {k: v.double() for k, v in _flat(g).items()}, dtype="float64"), E.BundleDtypeError, r"'float64' is not supported", None
+        lambda g, o, t: craft(o, g, {k: v.double() for k, v in _flat(g).items()}, dtype="float64"),
+        E.BundleDtypeError,
+        r"'float64' is not supported",
+        None,
     ),
     "dtype_disagrees_with_manifest": (
-        lambda g, o, t: craft(o, g, {k: v.half() for k, v in _flat(g).items()}), E.BundleDtypeError, r"is F16 in the file", None
+        lambda g, o, t: craft(o, g, {k: v.half() for k, v in _flat(g).items()}),
+        E.BundleDtypeError,
+        r"is F16 in the file",
+        None,
     ),
-    "token_limit": (lambda g, o, t: shutil.copytree(g, o), E.BundleTokenLimitError, r"3 text prompt tokens.*at most 2", BundleLimits(max_text_tokens=2)),
-    "nan": (_poison(float("nan")), E.BundleNonFiniteError, r"'visual_prompts' holds 1 NaN/Inf.*retrain", None),
+    "token_limit": (
+        lambda g, o, t: shutil.copytree(g, o),
+        E.BundleTokenLimitError,
+        r"3 text prompt tokens.*at most 2",
+        BundleLimits(max_text_tokens=2),
+    ),
+    "nan": (
+        _poison(float("nan")),
+        E.BundleNonFiniteError,
+        r"'visual_prompts' holds 1 NaN/Inf.*retrain",
+        None,
+    ),
     "inf": (_poison(float("-inf")), E.BundleNonFiniteError, r"'visual_prompts' holds 1 NaN/Inf", None),
     "huge_magnitude": (_poison(1e30), E.BundleNonFiniteError, r"magnitude 1e\+30, over the cap", None),
     "tensor_hash": (_flip_byte, E.BundleHashError, r"has sha256 .* the manifest says", None),
     "content_hash_edited": (
-        lambda g, o, t: _with(g, o, content_hash="sha256:" + "0" * 64), E.BundleHashError, r"content_hash .* does not match", None
+        lambda g, o, t: _with(g, o, content_hash="sha256:" + "0" * 64),
+        E.BundleHashError,
+        r"content_hash .* does not match",
+        None,
     ),
-    "size_cap": (lambda g, o, t: shutil.copytree(g, o), E.BundleTooLargeError, r"over the 2000-byte cap", BundleLimits(max_bytes=2000)),
-}  # fmt: skip
+    "size_cap": (
+        lambda g, o, t: shutil.copytree(g, o),
+        E.BundleTooLargeError,
+        r"over the 2000-byte cap",
+        BundleLimits(max_bytes=2000),
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def good_dir(tiny, tmp_path_factory):
-    return save_bundle(tmp_path_factory.mktemp("good") / "good", tiny_prompts(tiny, projector=False), tiny.spec, "good")
+    return save_bundle(
+        tmp_path_factory.mktemp("good") / "good", tiny_prompts(tiny, projector=False), tiny.spec, "good"
+    )
 
 
 def _build(case: str, good: Path, tmp_path: Path, tiny) -> tuple[Path, BundleLimits]:
@@ -215,11 +302,19 @@ def test_store_refuses_and_writes_nothing(case, good_dir, tmp_path, tiny):
         store.publish(bad, name="victim", spec=tiny.spec, limits=limits)
     if error is not E.BundleFileSetError:  # the upload path gets the same bytes (it has no file set to check)
         with pytest.raises(error):
-            store.publish_files((bad / "manifest.json").read_bytes(), (bad / "tensors.safetensors").read_bytes(),
-                                tiny.spec, limits)  # fmt: skip
+            store.publish_files(
+                (bad / "manifest.json").read_bytes(),
+                (bad / "tensors.safetensors").read_bytes(),
+                tiny.spec,
+                limits,
+            )
         with pytest.raises(error):
-            validate_upload((bad / "manifest.json").read_bytes(), (bad / "tensors.safetensors").read_bytes(),
-                            tiny.spec, limits)  # fmt: skip
+            validate_upload(
+                (bad / "manifest.json").read_bytes(),
+                (bad / "tensors.safetensors").read_bytes(),
+                tiny.spec,
+                limits,
+            )
     assert tree(store.root) == before
     assert [i.name for i in store.list()] == ["keep"]
     assert not (tmp_path / "canary").exists()
@@ -246,6 +341,19 @@ def test_manifest_with_duplicate_keys_is_refused(good_dir, tmp_path):
 
 
 def test_bad_input_cases_cover_issue_list():
-    wanted = {"wrong_shape", "wrong_dtype", "nan", "inf", "other_fingerprint", "missing_file", "extra_file",
-              "truncated", "pickle_renamed", "oversized_header", "format_version", "size_cap", "token_limit"}  # fmt: skip
+    wanted = {
+        "wrong_shape",
+        "wrong_dtype",
+        "nan",
+        "inf",
+        "other_fingerprint",
+        "missing_file",
+        "extra_file",
+        "truncated",
+        "pickle_renamed",
+        "oversized_header",
+        "format_version",
+        "size_cap",
+        "token_limit",
+    }
     assert wanted <= set(CASES)

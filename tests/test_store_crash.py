@@ -1,7 +1,7 @@
-"""SIGKILL in the middle of a publish (or delete): a publisher subprocess is stopped at a chosen step (it blocks
-there and says so), killed with SIGKILL, and the store is reopened. It must show exactly the old state or exactly the
-new one, every listed bundle must load with its recorded content hash, the debris must be swept, and the store must
-keep working (the dead process's locks are gone)."""
+"""SIGKILL in the middle of a publish (or delete): a publisher subprocess is stopped at a chosen step (it
+blocks there and says so), killed with SIGKILL, and the store is reopened. It must show exactly the old
+state or exactly the new one, every listed bundle must load with its recorded content hash, the debris must
+be swept, and the store must keep working (the dead process's locks are gone)."""
 
 from __future__ import annotations
 
@@ -75,13 +75,21 @@ POINTS = {
 def sources(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("crash_src")
     (root / "spec.json").write_text(json.dumps(tiny.spec.to_json()))
-    return [save_bundle(root / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "colors") for i in range(3)], root
+    return [
+        save_bundle(root / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "colors") for i in range(3)
+    ], root
 
 
 def _run_until_paused(store_root: Path, spec_path: Path, src: Path, point: str) -> None:
     cmd = [sys.executable, "-c", _CHILD, str(store_root), str(spec_path), str(src), point]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     try:
         line = proc.stdout.readline().strip()
         assert line == "PAUSED", f"child did not reach {point}: {line!r} {proc.stderr.read()[-2000:]}"

@@ -1,4 +1,5 @@
-"""Bundle format v1: save -> load round trips, manifest contents, content hash semantics, save-time refusals."""
+"""Bundle format v1: save -> load round trips, manifest contents, content hash semantics, save-time
+refusals."""
 
 from __future__ import annotations
 
@@ -23,8 +24,13 @@ def _assert_same(a, b):
 
 def test_round_trip_with_projector(tiny, tmp_path):
     prompts = tiny_prompts(tiny, seed=1)
-    out = save_bundle(tmp_path / "b", prompts, tiny.spec, "colors", provenance={"dataset": "shapes", "steps": 7,
-                                                                               "metrics": {"acc": 0.93}})  # fmt: skip
+    out = save_bundle(
+        tmp_path / "b",
+        prompts,
+        tiny.spec,
+        "colors",
+        provenance={"dataset": "shapes", "steps": 7, "metrics": {"acc": 0.93}},
+    )
     assert sorted(os.listdir(out)) == ["manifest.json", "tensors.safetensors"]
     loaded = load_bundle(out, tiny.spec)
     _assert_same(loaded.prompts, prompts)
@@ -36,7 +42,9 @@ def test_round_trip_with_projector(tiny, tmp_path):
     assert m.base_model.spec == tiny.spec.to_json()
     assert (m.text_prompts, m.visual_prompts, m.has_projector, m.dtype) == (3, 2, True, "float32")
     assert m.tensors["text_prompts"].shape == [tiny.spec.llm_layers, 3, tiny.spec.llm_dim]
-    assert set(m.tensors) == {"text_prompts", "visual_prompts"} | {f"projector.{k}" for k in tiny.spec.projector_shapes}
+    assert set(m.tensors) == {"text_prompts", "visual_prompts"} | {
+        f"projector.{k}" for k in tiny.spec.projector_shapes
+    }
     assert m.provenance == {"dataset": "shapes", "steps": 7, "metrics": {"acc": 0.93}}
     assert loaded.content_hash == m.content_hash and m.content_hash.startswith("sha256:")
     assert read_manifest(out) == m
@@ -62,7 +70,9 @@ def test_half_precision_bundle_loads_as_float32(tiny, tmp_path):
 def test_content_hash_depends_on_content_only(tiny, tmp_path):
     prompts = tiny_prompts(tiny, seed=3)
     a = load_bundle(save_bundle(tmp_path / "a", prompts, tiny.spec, "alpha", provenance={"steps": 1}))
-    b = load_bundle(save_bundle(tmp_path / "b", prompts, tiny.spec, "beta", version="v9", provenance={"steps": 2}))
+    b = load_bundle(
+        save_bundle(tmp_path / "b", prompts, tiny.spec, "beta", version="v9", provenance={"steps": 2})
+    )
     c = load_bundle(save_bundle(tmp_path / "c", tiny_prompts(tiny, seed=4), tiny.spec, "alpha"))
     assert a.content_hash == b.content_hash
     assert a.content_hash != c.content_hash
@@ -71,8 +81,12 @@ def test_content_hash_depends_on_content_only(tiny, tmp_path):
 def test_upload_in_memory_equals_directory_load(tiny, tmp_path):
     out = save_bundle(tmp_path / "b", tiny_prompts(tiny), tiny.spec, "mem")
     from_dir = load_bundle(out, tiny.spec)
-    from_mem = validate_upload((out / "manifest.json").read_bytes(), (out / "tensors.safetensors").read_bytes(),
-                               tiny.spec, BundleLimits())  # fmt: skip
+    from_mem = validate_upload(
+        (out / "manifest.json").read_bytes(),
+        (out / "tensors.safetensors").read_bytes(),
+        tiny.spec,
+        BundleLimits(),
+    )
     assert from_mem.content_hash == from_dir.content_hash
     _assert_same(from_mem.prompts, from_dir.prompts)
 

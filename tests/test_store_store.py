@@ -1,5 +1,5 @@
-"""BundleStore: versions, latest, content hashes, inspect/list/delete, names, conflicts and concurrent publishers
-(20 threads, and several processes) with no lost or corrupted version."""
+"""BundleStore: versions, latest, content hashes, inspect/list/delete, names, conflicts and concurrent
+publishers (20 threads, and several processes) with no lost or corrupted version."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ BAD_NAMES = ["../x", "a/b", "", "x" * 300, "Caps", ".hidden", "a b", "x\x00y", "
 @pytest.fixture
 def bundles(tiny, tmp_path):
     """Three different bundles for the tiny model (seeds 0, 1, 2)."""
-    return [save_bundle(tmp_path / f"src{i}", tiny_prompts(tiny, seed=i), tiny.spec, "colors") for i in range(3)]
+    return [
+        save_bundle(tmp_path / f"src{i}", tiny_prompts(tiny, seed=i), tiny.spec, "colors") for i in range(3)
+    ]
 
 
 def test_versions_latest_and_content_hash(tiny, tmp_path, bundles):
@@ -52,7 +54,10 @@ def test_versions_latest_and_content_hash(tiny, tmp_path, bundles):
 
 def test_explicit_versions_and_conflict(tiny, tmp_path, bundles):
     store = BundleStore(tmp_path / "store")
-    assert store.publish(bundles[0], name="digits", version="2024.06-a", spec=tiny.spec).label == "digits@2024.06-a"
+    assert (
+        store.publish(bundles[0], name="digits", version="2024.06-a", spec=tiny.spec).label
+        == "digits@2024.06-a"
+    )
     before = tree(store.root)
     with pytest.raises(BundleConflictError, match="immutable; publish under a new version"):
         store.publish(bundles[1], name="digits", version="2024.06-a", spec=tiny.spec)
@@ -63,8 +68,13 @@ def test_explicit_versions_and_conflict(tiny, tmp_path, bundles):
 
 
 def test_inspect_shows_versions_sizes_shapes_provenance(tiny, tmp_path):
-    src = save_bundle(tmp_path / "s", tiny_prompts(tiny), tiny.spec, "colors",
-                      provenance={"dataset": "shapes", "steps": 50, "metrics": {"exact_match": 0.97}})  # fmt: skip
+    src = save_bundle(
+        tmp_path / "s",
+        tiny_prompts(tiny),
+        tiny.spec,
+        "colors",
+        provenance={"dataset": "shapes", "steps": 50, "metrics": {"exact_match": 0.97}},
+    )
     store = BundleStore(tmp_path / "store")
     store.publish(src, spec=tiny.spec)
     store.publish(src, spec=tiny.spec)
@@ -96,7 +106,9 @@ def test_delete_version_and_name(tiny, tmp_path, bundles):
         store.resolve("colors")
     with pytest.raises(BundleNotFoundError, match="no bundle colors to delete"):
         store.delete("colors")
-    assert sorted(os.listdir(store.root / "colors")) == ["index.json"] and os.listdir(store.root / ".tmp") == []
+    assert (
+        sorted(os.listdir(store.root / "colors")) == ["index.json"] and os.listdir(store.root / ".tmp") == []
+    )
     assert store.publish(bundles[1], spec=tiny.spec).version == "v5"
 
 
@@ -148,7 +160,9 @@ def test_symlinked_name_is_refused(tiny, tmp_path, bundles):
 
 def test_twenty_concurrent_thread_publishers(tiny, tmp_path):
     n = 20
-    srcs = [save_bundle(tmp_path / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "shared") for i in range(n)]
+    srcs = [
+        save_bundle(tmp_path / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "shared") for i in range(n)
+    ]
     store = BundleStore(tmp_path / "store")
     refs, errors = [None] * n, []
     barrier = threading.Barrier(n)
@@ -189,13 +203,21 @@ _PUBLISHER = textwrap.dedent(
 
 def test_concurrent_process_publishers(tiny, tmp_path):
     procs, per = 3, 3
-    srcs = [save_bundle(tmp_path / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "multi") for i in range(procs * per)]
+    srcs = [
+        save_bundle(tmp_path / f"s{i}", tiny_prompts(tiny, seed=i), tiny.spec, "multi")
+        for i in range(procs * per)
+    ]
     (tmp_path / "spec.json").write_text(json.dumps(tiny.spec.to_json()))
     cmd = [sys.executable, "-c", _PUBLISHER, str(tmp_path / "store"), str(tmp_path / "spec.json")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     running = [
-        subprocess.Popen(cmd + [str(s) for s in srcs[p * per : (p + 1) * per]], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        subprocess.Popen(
+            cmd + [str(s) for s in srcs[p * per : (p + 1) * per]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         for p in range(procs)
     ]
     labels = []
