@@ -1,5 +1,5 @@
-"""`m2pt train` as a user runs it: flags, bad data reported by record index with exit status 2, pushing a bundle
-to a server over real HTTP, options checked before any training."""
+"""`m2pt train` as a user runs it: flags, bad data reported by record index with exit status 2, pushing a
+bundle to a server over real HTTP, options checked before any training."""
 
 from __future__ import annotations
 
@@ -21,8 +21,15 @@ def make_json(tmp_path, bad_index=None):
     records = []
     for i in range(6):
         Image.new("RGB", (20, 20), (40 * i, 255 - 40 * i, 0)).save(folder / f"{i}.png")
-        records.append({"image": f"imgs/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat is this digit ?"}, {"from": "gpt", "value": str(i)}]})
+        records.append(
+            {
+                "image": f"imgs/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is this digit ?"},
+                    {"from": "gpt", "value": str(i)},
+                ],
+            }
+        )
     if bad_index is not None:
         records[bad_index]["conversations"][1]["value"] = ""
     path = tmp_path / "data.json"
@@ -31,9 +38,30 @@ def make_json(tmp_path, bad_index=None):
 
 
 def flags(model_dir, data, out, *extra):
-    return ["--base", str(model_dir), "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "2",
-            "--text-prompts", "2", "--visual-prompts", "1", "--eval-every", "0", "--checkpoint-every", "0",
-            "--device", "cpu", "--no-progress", *extra]
+    return [
+        "--base",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--text-prompts",
+        "2",
+        "--visual-prompts",
+        "1",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_parser_defaults_are_the_m2pt_recipe():
@@ -43,7 +71,9 @@ def test_parser_defaults_are_the_m2pt_recipe():
     cfg = config_from_args(args)
     assert (cfg.lr, cfg.weight_decay, cfg.warmup_ratio, cfg.epochs) == (7e-4, 0.0, 0.03, 3.0)
     assert (cfg.visual_prompts, cfg.text_prompts, cfg.tune_projector) == (10, 10, True)
-    args = parser.parse_args(["train", "--base", "b", "--data", "digits", "--out", "o", "--no-tune-projector", "--steps", "5"])
+    args = parser.parse_args(
+        ["train", "--base", "b", "--data", "digits", "--out", "o", "--no-tune-projector", "--steps", "5"]
+    )
     assert config_from_args(args).tune_projector is False and config_from_args(args).steps == 5
     assert callable(args.func)
 
@@ -80,9 +110,16 @@ class Receiver(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        message = BytesParser().parsebytes(f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body)
-        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True) for p in message.get_payload()}
-        Receiver.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "parts": parts})
+        message = BytesParser().parsebytes(
+            f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body
+        )
+        parts = {
+            p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+            for p in message.get_payload()
+        }
+        Receiver.received.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "parts": parts}
+        )
         reply = json.dumps({"name": "pushed", "version": "v1"}).encode()
         self.send_response(201)
         self.send_header("Content-Type", "application/json")
@@ -105,7 +142,9 @@ def receiver():
     server.server_close()
 
 
-def test_push_uploads_manifest_and_tensors_with_the_ops_token(tiny_model_dir, tmp_path, monkeypatch, receiver):
+def test_push_uploads_manifest_and_tensors_with_the_ops_token(
+    tiny_model_dir, tmp_path, monkeypatch, receiver
+):
     data, _ = make_json(tmp_path)
     monkeypatch.setenv("M2PT_OPS_TOKEN", "s3cret")
     out = tmp_path / "pushed"

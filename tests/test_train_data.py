@@ -1,5 +1,5 @@
-"""Training data: LLaVA JSON parsing, bad records reported by index, labels on answers only, train/serve tokenisation
-parity, the fixed digits split."""
+"""Training data: LLaVA JSON parsing, bad records reported by index, labels on answers only, train/serve
+tokenisation parity, the fixed digits split."""
 
 from __future__ import annotations
 
@@ -21,7 +21,13 @@ def write_image(path, color=(255, 0, 0), size=20):
 
 
 def good(image, question="what is this digit ?", answer="7"):
-    return {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    return {
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
 
 
 @pytest.fixture
@@ -45,13 +51,25 @@ def write_json(folder, records):
 BAD_CASES = [
     (good("missing.png"), "not found"),
     (good("broken.png"), "unreadable"),
-    ({"image": "0.png", "conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "7"}]}, "no <image>"),
+    (
+        {
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "what ?"}, {"from": "gpt", "value": "7"}],
+        },
+        "no <image>",
+    ),
     (good("1.png", answer="   "), "empty answer"),
     (good("../secret.png"), "without '..'"),
     (good("/etc/hostname"), "relative"),
     (good("link.png"), "outside the image folder"),
     ({"image": "0.png", "conversations": [{"from": "human", "value": "<image> q"}]}, "pairs"),
-    ({"image": "0.png", "conversations": [{"from": "gpt", "value": "<image> q"}, {"from": "human", "value": "a"}]}, "turn 0"),
+    (
+        {
+            "image": "0.png",
+            "conversations": [{"from": "gpt", "value": "<image> q"}, {"from": "human", "value": "a"}],
+        },
+        "turn 0",
+    ),
     ("just a string", "not a JSON object"),
     (good(None), "missing 'image'"),
 ]
@@ -102,7 +120,9 @@ def test_training_prompt_equals_serving_tokenisation(tiny):
     image = Image.new("RGB", (40, 28), (10, 200, 30))
     turns = [("<image>\nwhat is this digit ?", "4")]
     enc = encode_record(Record(image, turns, "r"), tiny.processor)
-    prompt = tiny.processor.apply_chat_template(to_messages(turns)[:1], tokenize=False, add_generation_prompt=True)
+    prompt = tiny.processor.apply_chat_template(
+        to_messages(turns)[:1], tokenize=False, add_generation_prompt=True
+    )
     served = tiny.processor(text=[prompt], images=[image], return_tensors="pt")
     assert enc.input_ids[: enc.prompt_len].tolist() == served["input_ids"][0].tolist()
     assert torch.equal(enc.pixel_values, served["pixel_values"][0])
@@ -125,15 +145,22 @@ def test_load_data_json_split_is_fixed_and_synthetic_eval_differs(folder, tiny):
     path = write_json(folder, [good(f"{i % 3}.png", answer=str(i % 10)) for i in range(20)])
     opts = DataOptions(str(path), image_folder=str(folder / "imgs"), eval_fraction=0.25, seed=1)
     train, held_out = load_data(opts, tiny.processor, tiny.spec.image_size)
-    train2, held_out2 = load_data(DataOptions(str(path), image_folder=str(folder / "imgs"), eval_fraction=0.25, seed=9),
-                                  tiny.processor, tiny.spec.image_size)
+    train2, held_out2 = load_data(
+        DataOptions(str(path), image_folder=str(folder / "imgs"), eval_fraction=0.25, seed=9),
+        tiny.processor,
+        tiny.spec.image_size,
+    )
     assert (len(train), len(held_out)) == (15, 5)
-    assert [e.source for e in held_out.examples] == [e.source for e in held_out2.examples], "the split must not depend on the seed"
+    assert [e.source for e in held_out.examples] == [e.source for e in held_out2.examples], (
+        "the split must not depend on the seed"
+    )
     assert not {e.source for e in train.examples} & {e.source for e in held_out.examples}
     opts = DataOptions("synthetic:color", train_size=6, eval_size=4, seed=3)
     train, held_out = load_data(opts, tiny.processor, tiny.spec.image_size)
     assert (len(train), len(held_out)) == (6, 4)
-    assert not any(torch.equal(a.pixel_values, b.pixel_values) for a in train.examples for b in held_out.examples)
+    assert not any(
+        torch.equal(a.pixel_values, b.pixel_values) for a in train.examples for b in held_out.examples
+    )
 
 
 def test_unknown_datasets_fail_clearly(tiny):

@@ -1,5 +1,6 @@
 """Trainer mechanics on the tiny model: the loss falls, only prompts and projector change, resume is exact,
-export -> load -> validate round-trips, and the exported bundle gives the training forward's logits in the serving path."""
+export -> load -> validate round-trips, and the exported bundle gives the training forward's logits in the
+serving path."""
 
 from __future__ import annotations
 
@@ -17,9 +18,21 @@ from training.trainer import Trainer, train
 
 def config(tmp_path, **overrides):
     values = dict(
-        base="unused-when-base-is-passed", data="digits", out=str(tmp_path / "bundle"), name="digits-test",
-        train_size=16, eval_size=8, steps=4, batch_size=8, lr=1e-2, eval_every=2, checkpoint_every=0,
-        text_prompts=3, visual_prompts=2, progress=False, device="cpu",
+        base="unused-when-base-is-passed",
+        data="digits",
+        out=str(tmp_path / "bundle"),
+        name="digits-test",
+        train_size=16,
+        eval_size=8,
+        steps=4,
+        batch_size=8,
+        lr=1e-2,
+        eval_every=2,
+        checkpoint_every=0,
+        text_prompts=3,
+        visual_prompts=2,
+        progress=False,
+        device="cpu",
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -30,7 +43,9 @@ def flat(prompts):
 
 
 def test_loss_falls_on_a_fixed_batch(tiny):
-    train_set, _ = load_data(DataOptions("digits", train_size=8, eval_size=1), tiny.processor, tiny.spec.image_size)
+    train_set, _ = load_data(
+        DataOptions("digits", train_size=8, eval_size=1), tiny.processor, tiny.spec.image_size
+    )
     batch = collate(train_set.examples)
     tokens = train_set.target_count(list(range(8)))
     base_projector = tiny.model.model.multi_modal_projector.state_dict()
@@ -43,7 +58,8 @@ def test_loss_falls_on_a_fixed_batch(tiny):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    # The tiny base is random (its frozen lm_head cannot make confident logits), so expect a clear, steady fall, not ~0.
+    # The tiny base is random (its frozen lm_head cannot make confident logits):
+    # expect a clear, steady fall, not a loss near 0.
     assert losses[-1] < 0.9 * losses[0], losses
     assert sum(losses[-5:]) < sum(losses[5:10]) < sum(losses[:5]), losses
 
@@ -51,8 +67,13 @@ def test_loss_falls_on_a_fixed_batch(tiny):
 def test_only_prompts_and_projector_change(tiny, tmp_path):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     cfg = config(tmp_path)
-    initial = init_prompts(tiny.spec, cfg.text_prompts, cfg.visual_prompts,
-                           tiny.model.model.multi_modal_projector.state_dict(), seed=cfg.seed)
+    initial = init_prompts(
+        tiny.spec,
+        cfg.text_prompts,
+        cfg.visual_prompts,
+        tiny.model.model.multi_modal_projector.state_dict(),
+        seed=cfg.seed,
+    )
     result = train(cfg, base=tiny)
     after = tiny.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the frozen base changed"
@@ -99,7 +120,12 @@ def test_export_load_validate_round_trip(tiny, tmp_path):
     got, want = flat(loaded.prompts), flat(result.prompts)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     manifest = loaded.manifest
-    assert (manifest.name, manifest.text_prompts, manifest.visual_prompts, manifest.has_projector) == ("digits-test", 3, 2, True)
+    assert (manifest.name, manifest.text_prompts, manifest.visual_prompts, manifest.has_projector) == (
+        "digits-test",
+        3,
+        2,
+        True,
+    )
     prov = manifest.provenance
     assert prov["dataset"]["train"] == "digits" and prov["steps"] == 4
     assert prov["metrics"]["eval_exact_match"] == result.final_accuracy
@@ -108,7 +134,9 @@ def test_export_load_validate_round_trip(tiny, tmp_path):
     ref = BundleStore(tmp_path / "store").resolve("digits-test")
     assert ref.content_hash == loaded.content_hash
     assert (tmp_path / "store" / f"{ref.label}.curves.png").is_file()
-    other = tiny.spec.__class__(**{**tiny.spec.to_json(), "projector_shapes": tiny.spec.projector_shapes, "llm_dim": 128})
+    other = tiny.spec.__class__(
+        **{**tiny.spec.to_json(), "projector_shapes": tiny.spec.projector_shapes, "llm_dim": 128}
+    )
     with pytest.raises(BundleError):
         load_bundle(result.bundle_dir, spec=other)
 
@@ -117,7 +145,9 @@ def test_exported_bundle_gives_training_logits_in_serving_path(tiny, tmp_path):
     from prompts_store.format import load_bundle
 
     result = train(config(tmp_path, steps=3), base=tiny)
-    train_set, _ = load_data(DataOptions("digits", train_size=4, eval_size=1), tiny.processor, tiny.spec.image_size)
+    train_set, _ = load_data(
+        DataOptions("digits", train_size=4, eval_size=1), tiny.processor, tiny.spec.image_size
+    )
     batch = collate(train_set.examples)
     with torch.no_grad():
         training_logits = PromptModule(result.prompts, tiny.model).logits(batch)  # [B, T, V]
@@ -125,9 +155,18 @@ def test_exported_bundle_gives_training_logits_in_serving_path(tiny, tmp_path):
     with torch.inference_mode():
         prefix = compute_prefix(tiny.model, loaded.prompts)
         features = encode_images(tiny.model, batch.pixel_values, [prefix] * 4)
-        serving, _ = prefill(tiny.model, [RowInput(ids, features[b], prefix) for b, ids in enumerate(batch.input_ids)],
-                             all_logits=True)
-        base_logits, _ = prefill(tiny.model, [RowInput(ids, encode_images(tiny.model, batch.pixel_values[b : b + 1], [None])[0], None)
-                                              for b, ids in enumerate(batch.input_ids)], all_logits=True)
+        serving, _ = prefill(
+            tiny.model,
+            [RowInput(ids, features[b], prefix) for b, ids in enumerate(batch.input_ids)],
+            all_logits=True,
+        )
+        base_logits, _ = prefill(
+            tiny.model,
+            [
+                RowInput(ids, encode_images(tiny.model, batch.pixel_values[b : b + 1], [None])[0], None)
+                for b, ids in enumerate(batch.input_ids)
+            ],
+            all_logits=True,
+        )
     assert (serving - training_logits).abs().max() <= 1e-5
     assert (serving - base_logits).abs().max() > 1e-3, "the trained bundle must change the logits"

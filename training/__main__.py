@@ -1,4 +1,4 @@
-"""`python -m training ARGS` == `m2pt train ARGS`; the entry point for `torchrun --nproc-per-node N -m training ARGS`."""
+"""`python -m training ARGS` == `m2pt train ARGS`; also under `torchrun --nproc-per-node N`."""
 
 import sys
 

@@ -1,16 +1,17 @@
 """Small-scale reproduction of M²PT's modality ablation on real handwritten digits, on the frozen demo base.
 
-Variants, all trained on `digits` (train split) and scored by greedy exact match on `digits:test` (500 images that
-training never sees), with the same steps, global batch and seed; only the learning rates differ (reported):
+Variants, all trained on `digits` (train split) and scored by greedy exact match on `digits:test` (500 images
+that training never sees), with the same steps, global batch and seed; only the learning rates differ
+(reported):
 - `base`:    the frozen base, no prompts (nothing trained);
 - `textual`: deep textual prompts only (projector frozen);
 - `visual`:  deep visual prompts only (projector frozen);
 - `m2pt`:    deep visual + deep textual prompts + the projector (the paper's method);
-- optional `projector` (projector only) and `prompts` (both prompt kinds, projector frozen), to show where the gain
-  comes from.
+- optional `projector` (projector only) and `prompts` (both prompt kinds, projector frozen), to show where the
+  gain comes from.
 Writes a Markdown table (with the command to rerun it), a JSON file with every number, and a bar chart PNG.
-Run: `m2pt train-ablation --base demo/base` or `python -m training.ablation --base demo/base`.
-This module does not implement training; it calls `training.trainer.train` once per variant.
+Run: `m2pt train-ablation --base demo/base` or `python -m training.ablation --base demo/base`. This module
+does not implement training; it calls `training.trainer.train` once per variant.
 """
 
 from __future__ import annotations
@@ -56,14 +57,18 @@ class Row:
 
 def add_ablation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="demo/base", help="frozen base model directory")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}"
+    )
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-textual", type=float, default=1e-2)
     p.add_argument("--lr-visual", type=float, default=1e-2)
     p.add_argument("--lr-m2pt", type=float, default=1e-2)
     p.add_argument("--lr-prompts", type=float, default=1e-2, help="lr of the 'prompts' decomposition variant")
-    p.add_argument("--projector-lr", type=float, default=2e-3, help="projector lr (m2pt and projector variants)")
+    p.add_argument(
+        "--projector-lr", type=float, default=2e-3, help="projector lr (m2pt and projector variants)"
+    )
     p.add_argument("--prompt-len", type=int, default=10, help="prompt tokens per layer (visual and textual)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=100)
@@ -77,7 +82,12 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def variant_lrs(name: str, args: argparse.Namespace) -> tuple[float | None, float | None]:
-    lrs = {"textual": args.lr_textual, "visual": args.lr_visual, "m2pt": args.lr_m2pt, "prompts": args.lr_prompts}
+    lrs = {
+        "textual": args.lr_textual,
+        "visual": args.lr_visual,
+        "m2pt": args.lr_m2pt,
+        "prompts": args.lr_prompts,
+    }
     if name == "projector":
         return args.projector_lr, args.projector_lr
     return lrs.get(name), (args.projector_lr if VARIANTS[name][2] else None)
@@ -100,38 +110,87 @@ def run_variant(name: str, args: argparse.Namespace, base: Any) -> Row:
         res = evaluate(base.model, held_out, None, 64)
         return Row(name, label, 0, 0, False, 0, None, None, 0, 0.0, res.accuracy)
     cfg = TrainConfig(
-        base=args.base, data="digits", out=str(Path(args.work_dir) / f"digits-{name}"), name=f"digits-{name}",
-        text_prompts=text, visual_prompts=visual, tune_projector=projector, steps=args.steps,
-        batch_size=args.batch_size, lr=lr or args.projector_lr, projector_lr=plr, seed=args.seed,
-        eval_every=args.eval_every, checkpoint_every=0, device=args.device, progress=args.progress,
+        base=args.base,
+        data="digits",
+        out=str(Path(args.work_dir) / f"digits-{name}"),
+        name=f"digits-{name}",
+        text_prompts=text,
+        visual_prompts=visual,
+        tune_projector=projector,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=lr or args.projector_lr,
+        projector_lr=plr,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=0,
+        device=args.device,
+        progress=args.progress,
     )
     result = train(cfg, base=base)
     params = sum(result.parameters.values())
-    return Row(name, label, text, visual, projector, params, lr, plr, result.steps, result.seconds, result.final_accuracy)
+    return Row(
+        name,
+        label,
+        text,
+        visual,
+        projector,
+        params,
+        lr,
+        plr,
+        result.steps,
+        result.seconds,
+        result.final_accuracy,
+    )
 
 
 def markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
     lines = [
         "# M²PT ablation on handwritten digits (frozen demo base)",
         "",
-        f"Held-out: `digits:test`, 500 scikit-learn digits never used in training. Metric: greedy exact match through the",
-        "serving path (`prefill` + `decode_step`). Every trained variant: same steps, global batch and seed; learning rates",
-        "were tuned per variant (below). Seconds are training time on this machine (2 shared CPU cores), evaluation excluded.",
+        "Held-out: `digits:test`, 500 scikit-learn digits never used in training. Metric: greedy exact match",
+        "through the serving path (`prefill` + `decode_step`). Every trained variant: same steps, global",
+        "batch and seed; learning rates were tuned per variant (below). Seconds are training time on this",
+        "machine (2 CPU cores shared with other work), evaluation excluded.",
         "",
         "| variant | trained | params | lr (prompts) | lr (projector) | steps | seconds | exact match |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fmt = lambda v: "–" if v is None else f"{v:g}"  # noqa: E731
-        lines.append(f"| {r.variant} | {r.label} | {r.params:,} | {fmt(r.lr if r.variant != 'projector' else None)} | "
-                     f"{fmt(r.projector_lr)} | {r.steps} | {r.seconds:.0f} | **{100 * r.accuracy:.1f} %** |")
-    lines += ["", f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, {args.prompt_len} prompt tokens per layer.",
-              "", "Rerun (writes this file, `docs/ablation.json` and `docs/ablation.png`):", "", "```", command, "```", ""]
+        lines.append(
+            f"| {r.variant} | {r.label} | {r.params:,} | {fmt(r.lr if r.variant != 'projector' else None)} | "
+            f"{fmt(r.projector_lr)} | {r.steps} | {r.seconds:.0f} | **{100 * r.accuracy:.1f} %** |"
+        )
+    lines += [
+        "",
+        f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, "
+        f"{args.prompt_len} prompt tokens per layer.",
+        "",
+        "Rerun (writes this file, `docs/ablation.json` and `docs/ablation.png`):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
-RERUN_FLAGS = ["base", "variants", "steps", "batch_size", "lr_textual", "lr_visual", "lr_m2pt", "lr_prompts",
-               "projector_lr", "prompt_len", "seed", "eval_every"]
+RERUN_FLAGS = [
+    "base",
+    "variants",
+    "steps",
+    "batch_size",
+    "lr_textual",
+    "lr_visual",
+    "lr_m2pt",
+    "lr_prompts",
+    "projector_lr",
+    "prompt_len",
+    "seed",
+    "eval_every",
+]
 
 
 def rerun_command(args: argparse.Namespace) -> str:
@@ -150,11 +209,18 @@ def bar_chart(rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     try:
         colors = {"base": "#999", "textual": "#59c", "visual": "#5a6", "m2pt": "#c41"}
-        bars = ax.bar([r.variant for r in rows], [100 * r.accuracy for r in rows],
-                      color=[colors.get(r.variant, "#a8b") for r in rows])
+        bars = ax.bar(
+            [r.variant for r in rows],
+            [100 * r.accuracy for r in rows],
+            color=[colors.get(r.variant, "#a8b") for r in rows],
+        )
         ax.bar_label(bars, fmt="%.1f%%")
         ax.axhline(10, color="#444", linestyle="--", linewidth=0.8, label="chance (10 %)")
-        ax.set(ylabel="held-out exact match (%)", ylim=(0, 105), title="M²PT ablation on digits (frozen demo base)")
+        ax.set(
+            ylabel="held-out exact match (%)",
+            ylim=(0, 105),
+            title="M²PT ablation on digits (frozen demo base)",
+        )
         ax.legend(loc="upper left")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -168,13 +234,17 @@ def main_from_args(args: argparse.Namespace) -> int:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        sys.stderr.write(f"m2pt train-ablation: error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}\n")
+        sys.stderr.write(
+            f"m2pt train-ablation: error: unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}\n"
+        )
         return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    base = load_frozen_llava(args.base, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
+    base = load_frozen_llava(
+        args.base, device=args.device, dtype="float32" if args.device == "cpu" else "auto"
+    )
     began = time.time()
     rows = []
     for name in names:
@@ -184,11 +254,21 @@ def main_from_args(args: argparse.Namespace) -> int:
     for path in (args.out_md, args.out_json, args.out_png):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_md).write_text(markdown(rows, args, command.strip()))
-    Path(args.out_json).write_text(json.dumps({"rows": [asdict(r) for r in rows], "args": {
-        k: v for k, v in vars(args).items() if k != "func"}, "wall_seconds": time.time() - began}, indent=2))
+    Path(args.out_json).write_text(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in rows],
+                "args": {k: v for k, v in vars(args).items() if k != "func"},
+                "wall_seconds": time.time() - began,
+            },
+            indent=2,
+        )
+    )
     bar_chart(rows, Path(args.out_png))
     for r in rows:
-        sys.stdout.write(f"{r.variant:10s} {100 * r.accuracy:5.1f}%  params {r.params:>8,}  {r.seconds:5.0f} s\n")
+        sys.stdout.write(
+            f"{r.variant:10s} {100 * r.accuracy:5.1f}%  params {r.params:>8,}  {r.seconds:5.0f} s\n"
+        )
     return 0
 
 
@@ -197,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     add_ablation_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return main_from_args(args)
 
 

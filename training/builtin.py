@@ -1,11 +1,11 @@
 """Built-in datasets as `Record`s: scikit-learn's handwritten digits and the synthetic shape tasks.
 
-- `digits`: `sklearn.datasets.load_digits` (1,797 real 8x8 scans), drawn white on black and upscaled with NEAREST to a
-  multiple of 8 px. A fixed permutation (seed 0, independent of any training seed) splits it into 1,297 train and 500
-  test images; `digits` / `digits:train` is the train part and `digits:test` the test part, so training never sees a
-  test image whatever its seed.
-- `synthetic:<task>[,<task>...]`: examples from `training.synthetic` (including its held-out tasks); the train and
-  eval sets are drawn with different seeds.
+- `digits`: `sklearn.datasets.load_digits` (1,797 real 8x8 scans), drawn white on black and upscaled with
+  NEAREST to a multiple of 8 px. A fixed permutation (seed 0, independent of any training seed) splits it into
+  1,297 train and 500 test images; `digits` / `digits:train` is the train part and `digits:test` the test
+  part, so training never sees a test image whatever its seed.
+- `synthetic:<task>[,<task>...]`: examples from `training.synthetic` (including its held-out tasks); the train
+  and eval sets are drawn with different seeds.
 
 This module builds records only; tokenisation is in `training.data`.
 """
@@ -48,7 +48,8 @@ def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
 
 
 def digits_records(split: str, image_size: int, limit: int | None = None) -> list[Record]:
-    """Digit `i` is asked with phrasing `i mod len(DIGIT_QUESTIONS)` of `training.synthetic.DIGIT_QUESTIONS`."""
+    """Digit `i` is asked with phrasing `i mod len(DIGIT_QUESTIONS)` of
+    `training.synthetic.DIGIT_QUESTIONS`."""
     from sklearn.datasets import load_digits
 
     from training.synthetic import DIGIT_QUESTIONS
@@ -78,7 +79,11 @@ def synthetic_records(tasks: list[str], n: int, seed: int) -> list[Record]:
     for i, ex in enumerate(examples):
         image = ex.image if isinstance(ex.image, Image.Image) else Image.fromarray(np.asarray(ex.image))
         records.append(
-            Record(image=image.convert("RGB"), turns=[(f"{IMAGE_TOKEN}\n{ex.question}", ex.answer)], source=f"{ex.task}[{i}]")
+            Record(
+                image=image.convert("RGB"),
+                turns=[(f"{IMAGE_TOKEN}\n{ex.question}", ex.answer)],
+                source=f"{ex.task}[{i}]",
+            )
         )
     return records
 
@@ -92,8 +97,8 @@ def is_builtin(spec: str) -> bool:
 
 
 def builtin_records(spec: str, image_size: int, n: int, seed: int, evaluation: bool = False) -> list[Record]:
-    """Records for a built-in dataset spec. For `evaluation`, `digits` means its test split and synthetic tasks use an
-    eval seed. `n` caps the number of records (digits) or sets it (synthetic)."""
+    """Records for a built-in dataset spec. For `evaluation`, `digits` means its test split and synthetic
+    tasks use an eval seed. `n` caps the number of records (digits) or sets it (synthetic)."""
     if spec in ("digits", "digits:train", "digits:test"):
         split = spec.split(":")[1] if ":" in spec else ("test" if evaluation else "train")
         return digits_records(split, image_size, limit=n or None)

@@ -1,12 +1,15 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON, written atomically.
 
 Layout of a checkpoint directory:
-    latest.json                   {"step": N, "dir": "step-0000000N"}  (replaced atomically after the step dir is complete)
-    step-0000000N/state.safetensors   "param.<name>" trainable tensors, "optim.<i>.<key>" optimiser moments, "rng.torch"
+    latest.json                      {"step": N, "dir": "step-0000000N"}, replaced atomically once the
+                                     step directory is complete
+    step-0000000N/state.safetensors  "param.<name>" trainable tensors, "optim.<i>.<key>" optimiser
+                                     moments, "rng.torch"
     step-0000000N/state.json          step, config, history, optimiser scalars + param groups
 
-The learning-rate schedule and the data order are pure functions of the step (`training.schedule`), so the step
-number restores both. Only rank 0 writes; every rank reads. This module does not decide *when* to checkpoint.
+The learning-rate schedule and the data order are pure functions of the step (`training.schedule`), so the
+step number restores both. Only rank 0 writes; every rank reads. This module does not decide *when* to
+checkpoint.
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
             elif isinstance(value, torch.Tensor):
-                scalars.setdefault(str(idx), {})[key] = {"tensor": value.item(), "dtype": str(value.dtype).split(".")[-1]}
+                scalars.setdefault(str(idx), {})[key] = {
+                    "tensor": value.item(),
+                    "dtype": str(value.dtype).split(".")[-1],
+                }
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]
+    ]
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
@@ -81,8 +89,12 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(
-    directory: str | Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-    config: dict[str, Any], history: dict[str, Any],
+    directory: str | Path,
+    step: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    history: dict[str, Any],
 ) -> Path:
     """Write the checkpoint of `step` and point `latest.json` at it; older step directories are removed."""
     root = Path(directory)
@@ -114,7 +126,9 @@ def load_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.o
     root = Path(directory)
     pointer = root / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"no checkpoint to resume in {root} (no {LATEST}); drop --resume to start fresh")
+        raise CheckpointError(
+            f"no checkpoint to resume in {root} (no {LATEST}); drop --resume to start fresh"
+        )
     try:
         latest = json.loads(pointer.read_text())
         step_dir = root / latest["dir"]
@@ -123,7 +137,9 @@ def load_checkpoint(directory: str | Path, module: nn.Module, optimizer: torch.o
     except (OSError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint in {root} is unreadable or incomplete: {exc}") from exc
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{step_dir}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+        raise CheckpointError(
+            f"{step_dir}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}"
+        )
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     try:
         module.load_state_dict(params, strict=True)

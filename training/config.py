@@ -1,9 +1,10 @@
 """Everything one training run is configured by, with M²PT's recipe as the defaults, and its validation.
 
-Defaults follow the official recipe (research/paper.md §2): AdamW lr 7e-4, cosine schedule, 3 % warmup, no weight
-decay, 3 epochs, 10 visual + 10 textual prompts per layer, Xavier-uniform prompt init, trainable projector.
-`batch_size` is the *global* batch: under torchrun each of N processes takes 1/N of it, so the same command gives the
-same optimisation whatever the process count. This module holds data only; `training.trainer` runs it.
+Defaults follow the official recipe (research/paper.md §2): AdamW lr 7e-4, cosine schedule, 3 % warmup, no
+weight decay, 3 epochs, 10 visual + 10 textual prompts per layer, Xavier-uniform prompt init, trainable
+projector. `batch_size` is the *global* batch: under torchrun each of N processes takes 1/N of it, so the same
+command gives the same optimisation whatever the process count. This module holds data only;
+`training.trainer` runs it.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ class TrainConfig:
             if not value > 0:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
         non_negative = {
-            "visual_prompts": self.visual_prompts, "text_prompts": self.text_prompts, "eval_every": self.eval_every,
-            "checkpoint_every": self.checkpoint_every, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
+            "visual_prompts": self.visual_prompts,
+            "text_prompts": self.text_prompts,
+            "eval_every": self.eval_every,
+            "checkpoint_every": self.checkpoint_every,
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
         }
         for flag, value in non_negative.items():
             if value < 0:
@@ -82,7 +87,9 @@ class TrainConfig:
         if self.projector_lr is not None and not self.projector_lr > 0:
             raise ConfigError(f"--projector-lr must be positive, got {self.projector_lr}")
         if not (self.visual_prompts or self.text_prompts or self.tune_projector):
-            raise ConfigError("nothing to train: set --visual-prompts or --text-prompts > 0, or --tune-projector")
+            raise ConfigError(
+                "nothing to train: set --visual-prompts or --text-prompts > 0, or --tune-projector"
+            )
         if self.on_bad_record not in {m.value for m in OnBad}:
             raise ConfigError(f"--on-bad-record must be skip or fail, got {self.on_bad_record!r}")
         if not 0 <= self.eval_fraction < 1:
@@ -105,14 +112,31 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    # Fields that must match for a checkpoint to be resumed (the rest, e.g. eval cadence or outputs, may change).
+    # Fields that must match for a checkpoint to be resumed (eval cadence, outputs etc. may change).
     RESUME_KEYS = (
-        "base", "data", "train_size", "visual_prompts", "text_prompts", "tune_projector", "batch_size", "lr",
-        "projector_lr", "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "steps", "epochs",
+        "base",
+        "data",
+        "train_size",
+        "visual_prompts",
+        "text_prompts",
+        "tune_projector",
+        "batch_size",
+        "lr",
+        "projector_lr",
+        "weight_decay",
+        "warmup_ratio",
+        "max_grad_norm",
+        "seed",
+        "steps",
+        "epochs",
     )
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
-        return [f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(self, k)!r}" for k in self.RESUME_KEYS if saved.get(k) != getattr(self, k)]
+        return [
+            f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(self, k)!r}"
+            for k in self.RESUME_KEYS
+            if saved.get(k) != getattr(self, k)
+        ]
 
     @classmethod
     def field_names(cls) -> list[str]:

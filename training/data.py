@@ -2,14 +2,15 @@
 
 Contract:
 - A conversation becomes chat messages with `{"type": "image"}` parts and is rendered by the base model's own
-  `processor.apply_chat_template`; text and image go through `processor(...)`, so tokens and pixels are the ones the
-  server produces for the same question and image.
+  `processor.apply_chat_template`; text and image go through `processor(...)`, so tokens and pixels are the
+  ones the server produces for the same question and image.
 - Labels are the assistant answers (and the end-of-turn `</s>` the template emits) only; everything else is
   `IGNORE_INDEX`. Labels are aligned with `input_ids` (unshifted); the loss shifts.
-- `prompt_len` marks where the last answer starts, so `input_ids[:prompt_len]` is the generation prompt that greedy
-  evaluation feeds to the serving path.
-- Splits: a JSON file without `--eval-data` holds out a fixed fraction (chosen by a fixed permutation, not by the
-  training seed); `digits` evaluates on `digits:test`; synthetic tasks evaluate on a separately seeded draw.
+- `prompt_len` marks where the last answer starts, so `input_ids[:prompt_len]` is the generation prompt that
+  greedy evaluation feeds to the serving path.
+- Splits: a JSON file without `--eval-data` holds out a fixed fraction (chosen by a fixed permutation, not by
+  the training seed); `digits` evaluates on `digits:test`; synthetic tasks evaluate on a separately seeded
+  draw.
 
 This module does not run the model; `training.trainer` does.
 """
@@ -97,7 +98,9 @@ def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, 
         before = processor.apply_chat_template(messages[:k], tokenize=False)
         upto = processor.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise DataError("the chat template does not render conversations prefix-stably; cannot locate answers")
+            raise DataError(
+                "the chat template does not render conversations prefix-stably; cannot locate answers"
+            )
         spans.append((len(before), len(upto)))
     return text, spans
 
@@ -129,7 +132,9 @@ def encode_records(name: str, records: list[Record], bad: list[BadRecord], proce
     examples = [encode_record(r, processor) for r in records]
     eos = processor.tokenizer.eos_token_id
     if examples and eos is not None and int(examples[0].answer_ids[-1]) != eos:
-        log.warning("%s: the chat template does not end answers with EOS; greedy decoding stops at max tokens", name)
+        log.warning(
+            "%s: the chat template does not end answers with EOS; greedy decoding stops at max tokens", name
+        )
     return EncodedDataset(name, examples, bad)
 
 
@@ -142,7 +147,7 @@ def collate(examples: list[Encoded]) -> Batch:
 
 
 def split_json(records: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
-    """Fixed split of one JSON file: a permutation seeded with JSON_SPLIT_SEED, the last `eval_fraction` held out."""
+    """Fixed split of a JSON file: a permutation seeded with JSON_SPLIT_SEED; the last part is held out."""
     if len(records) < 2 or eval_fraction <= 0:
         return records, []
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(JSON_SPLIT_SEED)).tolist()
@@ -164,7 +169,9 @@ class DataOptions:
     seed: int = 0
 
 
-def read_source(spec: str, opts: DataOptions, image_size: int, n: int | None, evaluation: bool) -> tuple[list[Record], list[BadRecord]]:
+def read_source(
+    spec: str, opts: DataOptions, image_size: int, n: int | None, evaluation: bool
+) -> tuple[list[Record], list[BadRecord]]:
     """Records of one dataset spec; `n` caps JSON/digits records and sets the size of a synthetic draw."""
     if is_builtin(spec):
         default = DEFAULT_SYNTHETIC_EVAL if evaluation else DEFAULT_SYNTHETIC_TRAIN
@@ -179,24 +186,46 @@ def read_source(spec: str, opts: DataOptions, image_size: int, n: int | None, ev
 def load_data(opts: DataOptions, processor, image_size: int) -> tuple[EncodedDataset, EncodedDataset]:
     """The encoded train and held-out eval sets for `opts` (see the module docstring for the splits)."""
     own_split = opts.eval_data is None and not is_builtin(opts.data)
-    train_records, bad = read_source(opts.data, opts, image_size, None if own_split else opts.train_size, False)
+    train_records, bad = read_source(
+        opts.data, opts, image_size, None if own_split else opts.train_size, False
+    )
     eval_bad: list[BadRecord] = []
     if own_split:
         train_records, eval_records = split_json(train_records, opts.eval_fraction)
-        train_records, eval_records = train_records[: opts.train_size or None], eval_records[: opts.eval_size or None]
+        train_records, eval_records = (
+            train_records[: opts.train_size or None],
+            eval_records[: opts.eval_size or None],
+        )
     else:
-        eval_records, eval_bad = read_source(opts.eval_data or opts.data, opts, image_size, opts.eval_size, True)
+        eval_records, eval_bad = read_source(
+            opts.eval_data or opts.data, opts, image_size, opts.eval_size, True
+        )
     if not train_records:
         raise DataError(f"{opts.data}: no training records")
     if not eval_records:
         log.warning("%s: no held-out records; periodic evaluation is disabled", opts.data)
     train = encode_records(opts.data, train_records, bad, processor)
     held_out = encode_records(opts.eval_data or f"{opts.data} (held out)", eval_records, eval_bad, processor)
-    log.info("data: %d train, %d eval examples (%d bad records skipped)", len(train), len(held_out), len(bad) + len(eval_bad))
+    log.info(
+        "data: %d train, %d eval examples (%d bad records skipped)",
+        len(train),
+        len(held_out),
+        len(bad) + len(eval_bad),
+    )
     return train, held_out
 
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "BadRecord", "DataError", "DataOptions", "Encoded", "EncodedDataset", "OnBad",
-    "collate", "encode_record", "load_data", "to_messages",
+    "IGNORE_INDEX",
+    "Batch",
+    "BadRecord",
+    "DataError",
+    "DataOptions",
+    "Encoded",
+    "EncodedDataset",
+    "OnBad",
+    "collate",
+    "encode_record",
+    "load_data",
+    "to_messages",
 ]

@@ -1,8 +1,10 @@
-"""Process-group plumbing for data-parallel training under `torchrun` (or any launcher that sets the env vars).
+"""Process-group plumbing for data-parallel training under `torchrun` (or any launcher that sets the env
+vars).
 
-`DistContext.from_env()` reads RANK / WORLD_SIZE / LOCAL_RANK; with WORLD_SIZE > 1 it initialises a process group
-(nccl on CUDA, gloo on CPU) and picks the device `cuda:LOCAL_RANK` or `cpu`. A single process needs no launcher and no
-process group. The helpers are no-ops for one process. This module knows nothing about prompts or data.
+`DistContext.from_env()` reads RANK / WORLD_SIZE / LOCAL_RANK; with WORLD_SIZE > 1 it initialises a process
+group (nccl on CUDA, gloo on CPU) and picks the device `cuda:LOCAL_RANK` or `cpu`. A single process needs no
+launcher and no process group. The helpers are no-ops for one process. This module knows nothing about prompts
+or data.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class DistContext:
         """Element-wise sum of `values` across ranks (float64 on the group's device)."""
         if not self.distributed:
             return list(values)
-        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.tolist()

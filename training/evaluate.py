@@ -1,9 +1,10 @@
 """Held-out evaluation through the serving path: greedy decoding with `prefill` + `decode_step`, exact match.
 
-A prediction is correct when the greedy continuation of the prompt reproduces the reference answer's tokens and then
-`</s>` (the answer ids as the data module labels them). Prompts are precomputed once with `compute_prefix` under
-`torch.inference_mode()`, exactly as the server does when it loads a bundle; `prompts=None` evaluates the frozen base.
-Under torchrun each rank evaluates a strided share and the counts are summed. This module does not train.
+A prediction is correct when the greedy continuation of the prompt reproduces the reference answer's tokens
+and then `</s>` (the answer ids as the data module labels them). Prompts are precomputed once with
+`compute_prefix` under `torch.inference_mode()`, exactly as the server does when it loads a bundle;
+`prompts=None` evaluates the frozen base. Under torchrun each rank evaluates a strided share and the counts
+are summed. This module does not train.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class EvalResult:
 
 
 def greedy_batch(model: nn.Module, examples: list[Encoded], prefix: BundlePrefix | None) -> list[list[int]]:
-    """Greedy tokens for each example's prompt: as many as the longest answer in the batch (answer + `</s>`)."""
+    """Greedy tokens for each prompt: as many as the longest answer (+ `</s>`) in the batch."""
     device = next(model.parameters()).device
     pixels = torch.stack([e.pixel_values for e in examples]).to(device)  # [B, 3, H, W]
     features = encode_images(model, pixels, [prefix] * len(examples))  # [B, N, D]
@@ -60,14 +61,14 @@ def evaluate(
     world_size: int = 1,
     decode=None,
 ) -> EvalResult:
-    """Exact-match accuracy of greedy decoding on this rank's share of `dataset` (sum across ranks is the caller's)."""
+    """Exact-match accuracy on this rank's share of `dataset` (the caller sums across ranks)."""
     indices = list(range(rank, len(dataset), world_size))
     result = EvalResult(0, 0)
     with torch.inference_mode():
         prefix = None if prompts is None else compute_prefix(model, prompts)
         for start in range(0, len(indices), batch_size):
             chunk = [dataset.examples[i] for i in indices[start : start + batch_size]]
-            for ex, tokens in zip(chunk, greedy_batch(model, chunk, prefix)):
+            for ex, tokens in zip(chunk, greedy_batch(model, chunk, prefix), strict=True):
                 answer = ex.answer_ids.tolist()
                 ok = tokens[: len(answer)] == answer
                 result.correct += int(ok)

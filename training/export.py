@@ -1,11 +1,14 @@
-"""Hand a trained prompt set over: bundle v1 on disk, curves PNG beside it, optional publish to a store or push to a server.
+"""Hand a trained prompt set over: bundle v1 on disk, curves PNG beside it, optional publish to a store or
+push to a server.
 
-- `export_bundle` writes `OUT/` through `prompts_store.format.save_bundle` (validated against the base's spec, atomic)
-  and the curves to `OUT.curves.png` beside it: a bundle directory holds exactly its manifest and tensors.
+- `export_bundle` writes `OUT/` through `prompts_store.format.save_bundle` (validated against the base's spec,
+  atomic) and the curves to `OUT.curves.png` beside it: a bundle directory holds exactly its manifest and
+  tensors.
 - `publish` copies the bundle into a `BundleStore` root (e.g. `demo/bundles`) and its curves to
-  `ROOT/<name>@<version>.curves.png` (the store's root holds only name directories otherwise; files there are left alone).
-- `push` POSTs it to a running server: multipart `manifest` + `tensors` to `/v1/bundles` with
-  `Authorization: Bearer $M2PT_OPS_TOKEN`.
+  `ROOT/<name>@<version>.curves.png` (the store's root holds only name directories otherwise; files there are
+  left alone).
+- `push` POSTs it to a running server: multipart `manifest` + `tensors` to `/v1/bundles` with `Authorization:
+  Bearer $M2PT_OPS_TOKEN`.
 `check_outputs` validates these options *before* training, so a bad URL or missing token does not cost a run.
 """
 
@@ -41,7 +44,9 @@ def bundles_endpoint(url: str) -> str:
     """`http://host:8000` or `.../v1/bundles` -> the `/v1/bundles` URL; refuses non-HTTP URLs."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ExportError(f"--push-url {url!r} must be an http(s) URL of an m2pt server, e.g. http://localhost:8000")
+        raise ExportError(
+            f"--push-url {url!r} must be an http(s) URL of an m2pt server, e.g. http://localhost:8000"
+        )
     base = url.rstrip("/")
     return base if base.endswith("/v1/bundles") else base + "/v1/bundles"
 
@@ -49,8 +54,13 @@ def bundles_endpoint(url: str) -> str:
 def check_outputs(out: str, publish_store: str | None, push_url: str | None) -> None:
     """Fail fast on output options that cannot work."""
     out_path = Path(out)
-    if out_path.exists() and (not out_path.is_dir() or any(p.name not in {"manifest.json", "tensors.safetensors"} for p in out_path.iterdir())):
-        raise ExportError(f"--out {out} exists and is not an empty or bundle directory; choose a new directory")
+    if out_path.exists() and (
+        not out_path.is_dir()
+        or any(p.name not in {"manifest.json", "tensors.safetensors"} for p in out_path.iterdir())
+    ):
+        raise ExportError(
+            f"--out {out} exists and is not an empty or bundle directory; choose a new directory"
+        )
     if push_url is not None:
         bundles_endpoint(push_url)
         if not os.environ.get(OPS_TOKEN_ENV):
@@ -60,8 +70,13 @@ def check_outputs(out: str, publish_store: str | None, push_url: str | None) -> 
 
 
 def export_bundle(
-    out: str | Path, prompts: PromptTensors, spec: ModelSpec, name: str, version: str | None,
-    provenance: dict[str, Any], history: dict[str, Any],
+    out: str | Path,
+    prompts: PromptTensors,
+    spec: ModelSpec,
+    name: str,
+    version: str | None,
+    provenance: dict[str, Any],
+    history: dict[str, Any],
 ) -> Path:
     """Write the bundle and its curves PNG; returns the bundle directory."""
     from prompts_store.format import save_bundle
@@ -83,7 +98,9 @@ def publish(bundle_dir: Path, store_root: str | Path, name: str, version: str | 
     return ref
 
 
-def push(bundle_dir: Path, url: str, token: str | None = None, timeout: float = PUSH_TIMEOUT_S) -> dict[str, Any]:
+def push(
+    bundle_dir: Path, url: str, token: str | None = None, timeout: float = PUSH_TIMEOUT_S
+) -> dict[str, Any]:
     """Upload the bundle to a running server; returns the server's JSON reply."""
     import httpx
 
@@ -98,7 +115,9 @@ def push(bundle_dir: Path, url: str, token: str | None = None, timeout: float = 
         "tensors": (TENSORS_FILE, (bundle_dir / TENSORS_FILE).read_bytes(), "application/octet-stream"),
     }
     try:
-        reply = httpx.post(endpoint, files=files, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        reply = httpx.post(
+            endpoint, files=files, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
     except httpx.HTTPError as exc:
         raise ExportError(f"could not reach {endpoint}: {exc}") from exc
     if reply.status_code >= 400:

@@ -1,17 +1,17 @@
-"""The trainable side of M²PT as an `nn.Module`, so DDP can synchronise its gradients, and the training forward.
+"""The trainable side of M²PT as an `nn.Module`, so DDP can synchronise its gradients, and the training
+forward.
 
-`PromptModule` holds one task's `PromptTensors` as fp32 `nn.Parameter`s (text prompts, visual prompts, projector
-weights) and a non-registered reference to the frozen base. Its `forward(batch)` runs the core's single
-implementation of the prompt math: `compute_prefix` -> `encode_images` -> `prefill(all_logits=True)`, and returns
-the answer-token cross-entropy. The frozen model is not a submodule: DDP neither broadcasts nor reduces it, and
-`state_dict()` holds the trainable tensors only.
+`PromptModule` holds one task's `PromptTensors` as fp32 `nn.Parameter`s (text prompts, visual prompts,
+projector weights) and a non-registered reference to the frozen base. Its `forward(batch)` runs the core's
+single implementation of the prompt math: `compute_prefix` -> `encode_images` -> `prefill(all_logits=True)`,
+and returns the answer-token cross-entropy. The frozen model is not a submodule: DDP neither broadcasts nor
+reduces it, and `state_dict()` holds the trainable tensors only.
 
 It does not own the optimiser, data order or I/O (see `training.trainer`, `training.checkpoint`).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from m2pt.forward import RowInput, encode_images, prefill
@@ -31,9 +31,14 @@ class PromptModule(nn.Module):
         super().__init__()
         object.__setattr__(self, "frozen", frozen_model)
         self.text = None if prompts.text is None else nn.Parameter(prompts.text.detach().float().clone())
-        self.visual = None if prompts.visual is None else nn.Parameter(prompts.visual.detach().float().clone())
+        self.visual = (
+            None if prompts.visual is None else nn.Parameter(prompts.visual.detach().float().clone())
+        )
         self.projector = nn.ParameterDict(
-            {k.replace(".", PROJECTOR_SEP): nn.Parameter(v.detach().float().clone()) for k, v in (prompts.projector or {}).items()}
+            {
+                k.replace(".", PROJECTOR_SEP): nn.Parameter(v.detach().float().clone())
+                for k, v in (prompts.projector or {}).items()
+            }
         )
 
     def prompts(self) -> PromptTensors:
@@ -57,15 +62,17 @@ class PromptModule(nn.Module):
         model = self.frozen
         device = next(model.parameters()).device
         prefix = compute_prefix(model, self.prompts())
-        features = encode_images(model, batch.pixel_values.to(device), [prefix] * len(batch.input_ids))  # [B, N, D]
+        features = encode_images(
+            model, batch.pixel_values.to(device), [prefix] * len(batch.input_ids)
+        )  # [B, N, D]
         rows = [RowInput(ids, features[b], prefix) for b, ids in enumerate(batch.input_ids)]
         logits, _ = prefill(model, rows, all_logits=True)  # [B, T, V]
         return logits
 
     def forward(self, batch: Batch, global_tokens: int) -> Tensor:
-        """Sum of this shard's answer-token losses divided by `global_tokens`, the answer-token count of the whole
-        global batch. Summed over ranks this is the global mean; DDP averages gradients, so callers multiply by the
-        world size before `backward()`."""
+        """Sum of this shard's answer-token losses divided by `global_tokens`, the answer-token count of the
+        whole global batch. Summed over ranks this is the global mean; DDP averages gradients, so callers
+        multiply by the world size before `backward()`."""
         logits = self.logits(batch)
         labels = batch.labels.to(logits.device)
         token_loss = nn.functional.cross_entropy(
@@ -90,5 +97,6 @@ def assert_frozen(model: nn.Module) -> None:
     """The base must have no trainable parameter; training would silently update it otherwise."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if trainable:
-        raise RuntimeError(f"the base model has trainable parameters ({trainable[:3]}...); load it with m2pt.loading")
-
+        raise RuntimeError(
+            f"the base model has trainable parameters ({trainable[:3]}...); load it with m2pt.loading"
+        )

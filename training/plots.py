@@ -1,4 +1,5 @@
-"""Training curves as a PNG (matplotlib, Agg backend, no display): loss per step and held-out exact match per eval.
+"""Training curves as a PNG (matplotlib, Agg backend, no display): loss per step and held-out exact match per
+eval.
 
 Input is the trainer's JSON-able history: `{"loss": [[step, loss], ...], "eval": [[step, accuracy], ...]}`.
 This module only draws; it does not decide where the file goes.
@@ -39,7 +40,9 @@ def plot_curves(history: dict[str, Any], path: str | Path, title: str) -> Path:
         if loss:
             steps, values = [s for s, _ in loss], [v for _, v in loss]
             ax_loss.plot(steps, values, color="#9ab", linewidth=0.8, label="per step")
-            ax_loss.plot(steps, smooth(values, max(1, len(values) // 50)), color="#135", label="moving average")
+            ax_loss.plot(
+                steps, smooth(values, max(1, len(values) // 50)), color="#135", label="moving average"
+            )
             ax_loss.legend(loc="upper right")
         ax_loss.set(xlabel="step", ylabel="loss (answer tokens)", title="training loss")
         if evals:

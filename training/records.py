@@ -1,12 +1,13 @@
-"""Raw training records: one image plus a conversation, read from LLaVA-format JSON, and how bad records are reported.
+"""Raw training records: one image plus a conversation, read from LLaVA-format JSON, and how bad records are
+reported.
 
 LLaVA format: `[{"image": "rel/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", "value": "..."}, ...]}]`. Turns alternate human/gpt starting with human; the `<image>` token appears
-exactly once, in a human turn. Image paths are relative to an image folder and must stay inside it (no absolute paths,
-no `..`, no symlink that leads out): the JSON may come from a client.
+{"from": "gpt", "value": "..."}, ...]}]`. Turns alternate human/gpt starting with human; the `<image>` token
+appears exactly once, in a human turn. Image paths are relative to an image folder and must stay inside it (no
+absolute paths, no `..`, no symlink that leads out): the JSON may come from a client.
 
-Every problem is a `BadRecord(index, reason)`; `OnBad.SKIP` logs and drops it, `OnBad.FAIL` raises `DataError` naming
-the record. This module reads files and decodes images; it does not tokenise (see `training.data`).
+Every problem is a `BadRecord(index, reason)`; `OnBad.SKIP` logs and drops it, `OnBad.FAIL` raises `DataError`
+naming the record. This module reads files and decodes images; it does not tokenise (see `training.data`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class BadRecord:
 
 @dataclass
 class Record:
-    """One training conversation. `turns` = [(human text, assistant answer), ...]; the image token sits in a human text."""
+    """One conversation: `turns` = [(human text, answer), ...]; one human text holds the image token."""
 
     image: Image.Image  # RGB
     turns: list[tuple[str, str]]
@@ -58,12 +59,14 @@ class BadRecordError(Exception):
 
 
 def check_turns(turns: list[tuple[str, str]]) -> None:
-    """Raise `BadRecordError` unless the image token occurs exactly once (in a human turn) and every answer is non-empty."""
+    """Raise `BadRecordError` unless there is exactly one image token and every answer is non-empty."""
     if not turns:
         raise BadRecordError("no conversation turns")
     count = sum(human.count(IMAGE_TOKEN) for human, _ in turns)
     if count == 0:
-        raise BadRecordError(f"no {IMAGE_TOKEN} token in any human turn (put '{IMAGE_TOKEN}\\n' before the question)")
+        raise BadRecordError(
+            f"no {IMAGE_TOKEN} token in any human turn (put '{IMAGE_TOKEN}\\n' before the question)"
+        )
     if count > 1:
         raise BadRecordError(f"{count} {IMAGE_TOKEN} tokens; exactly one image per record is supported")
     if any(IMAGE_TOKEN in answer for _, answer in turns):
@@ -83,7 +86,11 @@ def parse_conversations(raw: Any) -> list[tuple[str, str]]:
     for i in range(0, len(raw), 2):
         human, gpt = raw[i], raw[i + 1]
         for j, (turn, want) in enumerate(((human, "human"), (gpt, "gpt"))):
-            if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
+            if (
+                not isinstance(turn, dict)
+                or turn.get("from") != want
+                or not isinstance(turn.get("value"), str)
+            ):
                 raise BadRecordError(f"turn {i + j} must be {{'from': '{want}', 'value': <string>}}")
         turns.append((human["value"], gpt["value"]))
     check_turns(turns)
@@ -111,7 +118,9 @@ def open_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise BadRecordError(f"image {path.name!r} is {img.width}x{img.height}, above {MAX_IMAGE_PIXELS} pixels")
+                raise BadRecordError(
+                    f"image {path.name!r} is {img.width}x{img.height}, above {MAX_IMAGE_PIXELS} pixels"
+                )
             return img.convert("RGB")
     except BadRecordError:
         raise
@@ -143,7 +152,7 @@ def handle_bad(bad: list[BadRecord], total: int, on_bad: OnBad, source: str) -> 
 def read_llava_json(
     path: str | Path, image_folder: str | Path | None = None, on_bad: OnBad = OnBad.FAIL
 ) -> tuple[list[Record], list[BadRecord]]:
-    """Parse a LLaVA-format JSON file. Images resolve under `image_folder` (default: the JSON file's folder)."""
+    """Parse a LLaVA-format JSON file; images resolve under `image_folder` (default: the JSON's folder)."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     if not path.is_file():

@@ -1,8 +1,9 @@
-"""What happens at optimiser step `n`, as pure functions of (config, n): the learning-rate factor and the examples.
+"""What happens at optimiser step `n`, as pure functions of (config, n): the learning-rate factor and the
+examples.
 
-Making both pure functions of the step is what makes resume exact (a checkpoint only needs the step number and the
-optimiser moments) and what lets N processes agree on the global batch without talking: every rank computes the
-same global batch and keeps its own slice (`shard`).
+Making both pure functions of the step is what makes resume exact (a checkpoint only needs the step number and
+the optimiser moments) and what lets N processes agree on the global batch without talking: every rank
+computes the same global batch and keeps its own slice (`shard`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 def global_batch(step: int, batch_size: int, num_examples: int, seed: int) -> list[int]:
-    """Example indices of the global batch at `step`: positions step*B .. step*B+B-1 of the epoch-wise shuffled stream."""
+    """Example indices of the global batch at `step`: positions [step*B, step*B+B) of the shuffled stream."""
     out = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_examples)

@@ -1,16 +1,17 @@
-"""The M²PT trainer: frozen LLaVA base, trainable deep visual + deep textual prompts (+ projector), bundle export.
+"""The M²PT trainer: frozen LLaVA base, trainable deep visual + textual prompts (+ projector), bundle export.
 
 Contract of `train(cfg)`:
 - The base is loaded frozen by `m2pt.loading`; only the `PromptModule` parameters get gradients and change.
 - Every step runs the core's single prompt implementation (`compute_prefix` -> `encode_images` ->
-  `prefill(all_logits=True)`) on a left-padded batch; the loss is the mean cross-entropy over the answer tokens of
-  the global batch. AdamW with per-group learning rates (prompts, projector), linear warmup + cosine, grad clipping.
-- Under torchrun (WORLD_SIZE > 1) the prompt module is wrapped in DDP (gloo on CPU, nccl on GPU); each rank takes a
-  strided shard of the same global batch and rank 0 checkpoints and exports. One process or N give the same result
-  up to floating-point reduction order.
-- Held-out evaluation (greedy exact match through `prefill`/`decode_step`) runs at step 0, every `eval_every` steps
-  and at the end. Checkpoints go to `cfg.checkpoint_path` every `checkpoint_every` steps; `resume` continues from the
-  latest one and gives the same prompts as an uninterrupted run.
+  `prefill(all_logits=True)`) on a left-padded batch; the loss is the mean cross-entropy over the answer
+  tokens of the global batch. AdamW with per-group learning rates (prompts, projector), linear warmup +
+  cosine, grad clipping.
+- Under torchrun (WORLD_SIZE > 1) the prompt module is wrapped in DDP (gloo on CPU, nccl on GPU); each rank
+  takes a strided shard of the same global batch and rank 0 checkpoints and exports. One process or N give the
+  same result up to floating-point reduction order.
+- Held-out evaluation (greedy exact match through `prefill`/`decode_step`) runs at step 0, every `eval_every`
+  steps and at the end. Checkpoints go to `cfg.checkpoint_path` every `checkpoint_every` steps; `resume`
+  continues from the latest one and gives the same prompts as an uninterrupted run.
 - Rank 0 exports the bundle (`training.export`), then optionally publishes and pushes it.
 It does not parse command lines (`training.cli`) or compare variants (`training.ablation`).
 """
@@ -32,7 +33,7 @@ from m2pt.prompts import PromptTensors, init_prompts
 from training import export as exporter
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig
-from training.data import DataOptions, EncodedDataset, collate, load_data
+from training.data import DataOptions, collate, load_data
 from training.distributed import DistContext
 from training.evaluate import EvalResult, evaluate
 from training.params import PromptModule, assert_frozen, count_parameters
@@ -56,13 +57,19 @@ class TrainResult:
 
 def data_options(cfg: TrainConfig) -> DataOptions:
     return DataOptions(
-        data=cfg.data, eval_data=cfg.eval_data, image_folder=cfg.image_folder, train_size=cfg.train_size,
-        eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction, on_bad=OnBad(cfg.on_bad_record), seed=cfg.seed,
+        data=cfg.data,
+        eval_data=cfg.eval_data,
+        image_folder=cfg.image_folder,
+        train_size=cfg.train_size,
+        eval_size=cfg.eval_size,
+        eval_fraction=cfg.eval_fraction,
+        on_bad=OnBad(cfg.on_bad_record),
+        seed=cfg.seed,
     )
 
 
 def build_optimizer(module: PromptModule, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one group for the prompts and one for the projector (`base_lr` is scaled by the schedule)."""
+    """AdamW, one group for the prompts and one for the projector (the schedule scales `base_lr`)."""
     groups = []
     if module.prompt_parameters():
         groups.append({"params": module.prompt_parameters(), "base_lr": cfg.lr, "name": "prompts"})
@@ -87,11 +94,19 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.base = base or load_base(cfg, ctx)
         assert_frozen(self.base.model)
-        self.train_set, self.eval_set = load_data(data_options(cfg), self.base.processor, self.base.spec.image_size)
+        self.train_set, self.eval_set = load_data(
+            data_options(cfg), self.base.processor, self.base.spec.image_size
+        )
         if cfg.batch_size < ctx.world_size:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch; it must be >= {ctx.world_size} processes")
-        base_projector = self.base.model.model.multi_modal_projector.state_dict() if cfg.tune_projector else None
-        prompts = init_prompts(self.base.spec, cfg.text_prompts, cfg.visual_prompts, base_projector, seed=cfg.seed)
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is the global batch; it must be >= {ctx.world_size} processes"
+            )
+        base_projector = (
+            self.base.model.model.multi_modal_projector.state_dict() if cfg.tune_projector else None
+        )
+        prompts = init_prompts(
+            self.base.spec, cfg.text_prompts, cfg.visual_prompts, base_projector, seed=cfg.seed
+        )
         self.module = PromptModule(prompts, self.base.model).to(self.base.device)
         self.wrapped: nn.Module = self.module
         if ctx.distributed:
@@ -110,14 +125,18 @@ class Trainer:
         ckpt = load_checkpoint(self.cfg.checkpoint_path, self.module, self.optimizer)
         mismatches = self.cfg.resume_mismatches(ckpt.config)
         if mismatches:
-            raise ConfigError("--resume: the checkpoint was made with different options: " + "; ".join(mismatches))
+            raise ConfigError(
+                "--resume: the checkpoint was made with different options: " + "; ".join(mismatches)
+            )
         self.start_step, self.history = ckpt.step, ckpt.history
         self.seconds = float(ckpt.history.get("seconds", 0.0))
 
     def checkpoint(self, step: int) -> None:
         if self.ctx.is_main:
             self.history["seconds"] = self.seconds
-            save_checkpoint(self.cfg.checkpoint_path, step, self.module, self.optimizer, self.cfg.to_json(), self.history)
+            save_checkpoint(
+                self.cfg.checkpoint_path, step, self.module, self.optimizer, self.cfg.to_json(), self.history
+            )
         self.ctx.barrier()
 
     # ------------------------------------------------------------------ steps
@@ -137,20 +156,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return self.ctx.all_sum([loss.item()])[0]
 
-    def evaluate(self, step: int, dataset: EncodedDataset | None = None, prompts: Any = "trained") -> EvalResult:
-        """Greedy exact match on the held-out set (summed over ranks); recorded in the history at `step`."""
-        dataset = dataset or self.eval_set
-        live = self.module.prompts() if prompts == "trained" else prompts
+    def evaluate(self, step: int) -> EvalResult:
+        """Held-out greedy exact match of the current prompts (summed over ranks), recorded at `step`."""
         res = evaluate(
-            self.base.model, dataset, live, self.cfg.eval_batch_size, self.ctx.rank, self.ctx.world_size,
+            self.base.model,
+            self.eval_set,
+            self.module.prompts(),
+            self.cfg.eval_batch_size,
+            self.ctx.rank,
+            self.ctx.world_size,
             decode=self.base.processor.tokenizer.decode,
         )
         correct, total = self.ctx.all_sum([res.correct, res.total])
         result = EvalResult(int(correct), int(total), res.samples)
-        if prompts == "trained":
-            self.history["eval"].append([step, result.accuracy])
-        log.info("step %d: held-out exact match %.1f%% (%d/%d); e.g. %s", step, 100 * result.accuracy,
-                 result.correct, result.total, result.samples[:3])
+        self.history["eval"].append([step, result.accuracy])
+        log.info(
+            "step %d: held-out exact match %.1f%% (%d/%d); e.g. %s",
+            step,
+            100 * result.accuracy,
+            result.correct,
+            result.total,
+            result.samples[:3],
+        )
         return result
 
     def due(self, every: int, step: int) -> bool:
@@ -159,8 +186,14 @@ class Trainer:
     def loop(self) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total, initial=self.start_step, desc=f"m2pt train {self.cfg.bundle_name}", unit="step",
-                   disable=not (self.ctx.is_main and self.cfg.progress), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total,
+            initial=self.start_step,
+            desc=f"m2pt train {self.cfg.bundle_name}",
+            unit="step",
+            disable=not (self.ctx.is_main and self.cfg.progress),
+            dynamic_ncols=True,
+        )
         with bar:
             for step in range(self.start_step, self.total):
                 began = time.perf_counter()
@@ -182,16 +215,30 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         params = count_parameters(self.module)
-        log.info("training %s: %d steps of %d (global batch), %d warmup; trainable %s; %d train / %d eval examples",
-                 cfg.bundle_name, self.total, cfg.batch_size, self.warmup, params, len(self.train_set), len(self.eval_set))
+        log.info(
+            "training %s: %d steps of %d (global batch), %d warmup; trainable %s; %d train / %d eval",
+            cfg.bundle_name,
+            self.total,
+            cfg.batch_size,
+            self.warmup,
+            params,
+            len(self.train_set),
+            len(self.eval_set),
+        )
         if self.eval_set.examples and cfg.eval_every and self.start_step == 0:
             self.evaluate(0)
         self.loop()
         final = self.evaluate(self.total) if self.eval_set.examples else None
         if cfg.checkpoint_every:
             self.checkpoint(self.total)
-        result = TrainResult(self.module.export(), self.history, self.total, self.seconds, params,
-                             None if final is None else final.accuracy)
+        result = TrainResult(
+            self.module.export(),
+            self.history,
+            self.total,
+            self.seconds,
+            params,
+            None if final is None else final.accuracy,
+        )
         if self.ctx.is_main:
             result.bundle_dir = self.export(result)
         self.ctx.barrier()
@@ -200,31 +247,49 @@ class Trainer:
     def provenance(self, result: TrainResult) -> dict[str, Any]:
         losses = [v for _, v in self.history["loss"]]
         return {
-            "trainer": "m2pt-serve training (M²PT: deep visual + deep textual prompts" + (" + projector)" if self.cfg.tune_projector else ")"),
-            "dataset": {"train": self.cfg.data, "train_examples": len(self.train_set), "eval": self.eval_set.name,
-                        "eval_examples": len(self.eval_set), "bad_records_skipped": len(self.train_set.bad)},
+            "trainer": "m2pt-serve training (M²PT: deep visual + deep textual prompts"
+            + (" + projector)" if self.cfg.tune_projector else ")"),
+            "dataset": {
+                "train": self.cfg.data,
+                "train_examples": len(self.train_set),
+                "eval": self.eval_set.name,
+                "eval_examples": len(self.eval_set),
+                "bad_records_skipped": len(self.train_set.bad),
+            },
             "steps": result.steps,
             "seconds": round(result.seconds, 2),
             "world_size": self.ctx.world_size,
             "parameters": result.parameters,
-            "metrics": {"eval_exact_match": result.final_accuracy, "final_loss": losses[-1] if losses else None,
-                        "eval_curve": self.history["eval"]},
+            "metrics": {
+                "eval_exact_match": result.final_accuracy,
+                "final_loss": losses[-1] if losses else None,
+                "eval_curve": self.history["eval"],
+            },
             "config": self.cfg.to_json(),
         }
 
     def export(self, result: TrainResult) -> Path:
         cfg = self.cfg
-        bundle_dir = exporter.export_bundle(cfg.out, result.prompts, self.base.spec, cfg.bundle_name, cfg.version,
-                                            self.provenance(result), self.history)
+        bundle_dir = exporter.export_bundle(
+            cfg.out,
+            result.prompts,
+            self.base.spec,
+            cfg.bundle_name,
+            cfg.version,
+            self.provenance(result),
+            self.history,
+        )
         if cfg.publish_store:
-            result.extra["published"] = str(exporter.publish(bundle_dir, cfg.publish_store, cfg.bundle_name, cfg.version))
+            result.extra["published"] = str(
+                exporter.publish(bundle_dir, cfg.publish_store, cfg.bundle_name, cfg.version)
+            )
         if cfg.push_url:
             result.extra["pushed"] = exporter.push(bundle_dir, cfg.push_url)
         return bundle_dir
 
 
 def train(cfg: TrainConfig, ctx: DistContext | None = None, base: FrozenLlava | None = None) -> TrainResult:
-    """Run one training as configured. `ctx` defaults to the torchrun environment; `base` reuses a loaded model."""
+    """Run one training. `ctx` defaults to the torchrun environment; `base` reuses a loaded model."""
     cfg.validate()
     exporter.check_outputs(cfg.out, cfg.publish_store, cfg.push_url)
     own = ctx is None
