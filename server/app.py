@@ -1,16 +1,19 @@
 """The FastAPI application factory.
 
 `create_app(settings, engine=None)`:
-- with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import time)
-  by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
-- with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped here.
+- with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import
+  time) by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
+- with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped
+  here.
+
 `app.state` holds `settings`, `metrics` (`server.metrics.ServerMetrics`, shared with the engine) and `engine`
 (None until the lifespan built it; routes then answer 503).
 
-Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route must
-carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one does not,
-so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema are not served.
-Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted by bundle and status.
+Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route
+must carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one
+does not, so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema
+are not served. Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted
+by bundle and status.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ UPLOAD_PATHS = frozenset({"/v1/bundles"})
 
 
 class UnprotectedRouteError(RuntimeError):
-    """A route that is neither public nor behind an auth dependency (a programming error, found at startup)."""
+    """A route that is neither public nor behind an auth dependency (a programming error found at startup)."""
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -61,8 +64,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.include_router(routes_chat.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
-    app.add_middleware(BodyLimitMiddleware, default_limit=settings.max_body_bytes,
-                       upload_limit=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, paths=CHAT_PATHS)
     check_routes_protected(app)
     return app

@@ -1,11 +1,11 @@
 """`m2pt serve`: run the HTTP server (uvicorn) on a model and a bundle store.
 
 With no arguments it serves the shipped demo model (`demo/base`) and demo bundles (`demo/bundles`) on
-127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does).
-Every flag maps to one `server.settings.Settings` field; the help text is the field's documentation. Secrets come
+127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does). Every
+flag maps to one `server.settings.Settings` field; the help text is the field's documentation. Secrets come
 from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). Bad settings print
-one line per problem and exit with status 2 before anything is loaded. The log level is the global
-`m2pt --log-level`.
+one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
+--log-level`.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside `run_serve`, not at import time.
 """
@@ -55,16 +55,20 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser = subparsers.add_parser(
         "serve",
         help="serve a model and its prompt bundles over HTTP (OpenAI-compatible)",
-        description="Serve a frozen LLaVA-style model and M²PT prompt bundles over HTTP. Secrets come from the "
-        "environment: M2PT_API_KEY (chat routes) and M2PT_OPS_TOKEN (ops routes; unset = ops API off).",
+        description="Serve a frozen LLaVA-style model and M²PT prompt bundles over HTTP. Secrets come from "
+        "the environment: M2PT_API_KEY (chat routes) and M2PT_OPS_TOKEN (ops routes; unset = ops API off).",
     )
     for flag, field, kwargs in _FLAGS:
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=False)
         kwargs = {"default": None, **kwargs}
         parser.add_argument(flag, dest=field, help=f"{info.description} (default: {default})", **kwargs)
-    parser.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
-                        help="log one line per HTTP request (default: on)")
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log one line per HTTP request (default: on)",
+    )
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -88,7 +92,9 @@ def describe_settings_error(exc: Exception) -> str:
     lines = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err.get("loc") else ""
-        where = {"api_key": "M2PT_API_KEY", "ops_token": "M2PT_OPS_TOKEN"}.get(field, _FLAG_OF.get(field, field))
+        where = {"api_key": "M2PT_API_KEY", "ops_token": "M2PT_OPS_TOKEN"}.get(
+            field, _FLAG_OF.get(field, field)
+        )
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         lines.append(f"{where}: {message}" if where else message)
     return "\n".join(lines)
@@ -111,8 +117,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from server.app import create_app
 
-    log.info("starting m2pt serve on http://%s:%d (model %s, store %s)", settings.host, settings.port,
-             settings.model, settings.store)
+    log.info(
+        "starting m2pt serve on http://%s:%d (model %s, store %s)",
+        settings.host,
+        settings.port,
+        settings.model,
+        settings.store,
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -1,14 +1,15 @@
 """Fetch a remote image for a request, only when the operator turned it on (`allow_remote_images`).
 
 Contract (`fetch_image_bytes(url, settings) -> bytes`):
-- http and https only, no credentials in the URL, and the host must be one of `remote_image_domains`
-  (exactly, or a subdomain of one).
+- http and https only, no credentials in the URL, and the host must be one of `remote_image_domains` (exactly,
+  or a subdomain of one).
 - The host is resolved ONCE; every address must be public (not private, loopback, link-local, multicast or
   reserved) unless `remote_image_allow_private` is on. The connection goes to that pinned address (TLS still
   verifies the certificate against the host name), so DNS rebinding cannot redirect it.
 - Redirects are not followed; a non-200 answer is refused.
 - The body is read in chunks under `remote_image_max_bytes` (413 beyond, even with a lying or absent
   Content-Length) and the whole fetch under `remote_image_timeout_s`.
+
 Every refusal is a `RemoteImageRefusedError` (400) or `ImageTooLargeError` (413) with the reason.
 
 It does not decode images (`server.images` does) and keeps no cache. Blocking: call it from a worker thread.
@@ -38,7 +39,9 @@ def fetch_image_bytes(url: str, settings) -> bytes:
     if parts.username or parts.password:
         raise RemoteImageRefusedError("image URLs with credentials are not accepted")
     if not _host_allowed(host, settings.remote_image_domains):
-        raise RemoteImageRefusedError(f"image host '{host[:100]}' is not in this server's remote_image_domains")
+        raise RemoteImageRefusedError(
+            f"image host '{host[:100]}' is not in this server's remote_image_domains"
+        )
     address = _resolve_pinned(host, parts.port, parts.scheme, settings.remote_image_allow_private)
     netloc = f"[{address}]" if ":" in address else address
     if parts.port:
@@ -65,7 +68,8 @@ def _resolve_pinned(host: str, port: int | None, scheme: str, allow_private: boo
         ip = ipaddress.ip_address(address.split("%")[0])
         if not allow_private and not ip.is_global:
             raise RemoteImageRefusedError(
-                f"image host '{host[:100]}' resolves to a non-public address; remote images must be on the internet"
+                f"image host '{host[:100]}' resolves to a non-public address; "
+                "remote images must be on the internet"
             )
         if ip.is_multicast or ip.is_unspecified:
             raise RemoteImageRefusedError(f"image host '{host[:100]}' resolves to an unusable address")

@@ -1,15 +1,16 @@
-"""Turn a client's image reference (base64, a `data:` URI, or an http(s) URL when allowed) into a PIL RGB image, safely.
+"""Turn a client's image reference (base64, a `data:` URI, or an http(s) URL when allowed) into a PIL RGB
+image, safely.
 
 Contract:
-- Input is untrusted text. Output is a fully decoded `PIL.Image.Image` in mode RGB, or an `ImageError`
-  (400 `invalid_image`, 400 `remote_image_refused`, 413 `image_too_large`) whose message says what to send instead.
+- Input is untrusted text. Output is a fully decoded `PIL.Image.Image` in mode RGB, or an `ImageError` (400
+  `invalid_image`, 400 `remote_image_refused`, 413 `image_too_large`) whose message says what to send instead.
 - Only PNG, JPEG, WebP and GIF are opened (never EPS, PDF, FITS, TIFF...); only the first frame is decoded.
-- Dimensions are checked from the header (after `Image.open`, BEFORE `load()`) against the pixel, side and aspect
-  limits, so a decompression bomb is refused without being decompressed. Pillow's own bomb warning/error becomes
-  our 413 too. Truncated or corrupt data is an error, never a partly decoded image.
+- Dimensions are checked from the header (after `Image.open`, BEFORE `load()`) against the pixel, side and
+  aspect limits, so a decompression bomb is refused without being decompressed. Pillow's own bomb
+  warning/error becomes our 413 too. Truncated or corrupt data is an error, never a partly decoded image.
 - Library exception text is logged, never returned to the client.
-- http(s) URLs are refused unless `allow_remote_images` is on; then `server.image_fetch` fetches them under its
-  limits. Other URL schemes (file:, ftp:, ...) are always refused.
+- http(s) URLs are refused unless `allow_remote_images` is on; then `server.image_fetch` fetches them under
+  its limits. Other URL schemes (file:, ftp:, ...) are always refused.
 
 This module is CPU-bound and synchronous: call it from a worker thread (the routes do), not on the event loop.
 """
@@ -64,7 +65,7 @@ class ImageLimits:
 
 
 def load_image(reference: str, settings) -> Image.Image:
-    """Decode `reference` (base64, data: URI or URL) under the limits of `settings`; see the module contract."""
+    """Decode `reference` (base64, data: URI or URL) under the limits of `settings` (module contract)."""
     text = reference.strip()
     if not text:
         raise ImageError(f"image is empty; {_HOW_TO_SEND}")
@@ -93,7 +94,8 @@ def _fetch_remote(url: str, settings) -> bytes:
 
 
 def decode_base64(text: str) -> bytes:
-    """Standard-alphabet base64 (padding required; whitespace and line breaks are ignored); url-safe is accepted."""
+    """Standard-alphabet base64 (padding required; whitespace and line breaks are ignored); url-safe is
+    accepted."""
     compact = "".join(text.split())
     if not compact:
         raise ImageError(f"image is empty; {_HOW_TO_SEND}")
@@ -103,8 +105,7 @@ def decode_base64(text: str) -> bytes:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
         raise ImageError(
-            "image is not valid base64 (standard or URL-safe alphabet, with '=' padding); "
-            + _HOW_TO_SEND
+            "image is not valid base64 (standard or URL-safe alphabet, with '=' padding); " + _HOW_TO_SEND
         ) from None
 
 
@@ -116,7 +117,9 @@ def decode_data_uri(text: str) -> bytes:
     params = [p.strip().lower() for p in header[len("data:") :].split(";")]
     media_type = params[0]
     if media_type and not media_type.startswith("image/"):
-        raise ImageError(f"data: URI media type '{media_type[:40]}' is not an image; use image/png or image/jpeg")
+        raise ImageError(
+            f"data: URI media type '{media_type[:40]}' is not an image; use image/png or image/jpeg"
+        )
     if "base64" not in params[1:]:
         raise ImageError("data: URI is not base64-encoded; expected data:image/png;base64,<base64>")
     return decode_base64(payload)
@@ -136,7 +139,9 @@ def decode_image_bytes(raw: bytes, limits: ImageLimits) -> Image.Image:
             raise _too_large(image.size, limits) from None
         except Exception as exc:  # truncated streams, corrupt chunks, decoder errors
             log.info("image decode failed: %s: %s", type(exc).__name__, exc)
-            raise ImageError(f"image data is truncated or corrupt ({image.format}); send the complete file") from None
+            raise ImageError(
+                f"image data is truncated or corrupt ({image.format}); send the complete file"
+            ) from None
     return to_rgb(image)
 
 
@@ -155,7 +160,7 @@ def _open_header(raw: bytes, limits: ImageLimits) -> Image.Image:
 
 
 def check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
-    """Refuse empty, oversized (pixels or side) or extremely thin images, from the header's width and height."""
+    """Refuse empty, oversized (pixels or side) or extremely thin images, from the header's size."""
     width, height = size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
@@ -163,15 +168,16 @@ def check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
         raise _too_large(size, limits)
     if max(width, height) / min(width, height) > limits.max_aspect_ratio:
         raise ImageError(
-            f"image aspect ratio {width}x{height} is more extreme than {limits.max_aspect_ratio:g}:1; crop or pad it"
+            f"image aspect ratio {width}x{height} is more extreme than {limits.max_aspect_ratio:g}:1; "
+            "crop or pad it"
         )
 
 
 def _too_large(size: tuple[int, int], limits: ImageLimits) -> ImageTooLargeError:
     width, height = size
     return ImageTooLargeError(
-        f"image is {width}x{height} pixels, over the limit of {limits.max_pixels} pixels and {limits.max_side} "
-        "pixels per side; resize it before sending"
+        f"image is {width}x{height} pixels, over the limit of {limits.max_pixels} pixels and "
+        f"{limits.max_side} pixels per side; resize it before sending"
     )
 
 
@@ -191,4 +197,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except Exception as exc:
         log.info("image mode conversion failed: %s: %s", type(exc).__name__, exc)
-        raise ImageError(f"image pixel mode '{image.mode}' cannot be converted to RGB; send an RGB PNG or JPEG") from None
+        raise ImageError(
+            f"image pixel mode '{image.mode}' cannot be converted to RGB; send an RGB PNG or JPEG"
+        ) from None

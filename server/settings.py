@@ -1,16 +1,16 @@
 """Every knob of one server instance, validated once at startup.
 
 `Settings` is a strict pydantic model: a wrong type, an out-of-range number or an unknown field raises
-`pydantic.ValidationError` when the settings are built (the CLI turns that into a one-line message and exit code 2).
-`check_paths()` is the extra startup check that needs the filesystem (the model and store locations); it is called
-when the real engine is built, not for API tests that inject their own engine.
+`pydantic.ValidationError` when the settings are built (the CLI turns that into a one-line message and exit
+code 2). `check_paths()` is the extra startup check that needs the filesystem (the model and store locations);
+it is called when the real engine is built, not for API tests that inject their own engine.
 
-Secrets (`api_key`, `ops_token`) default to the environment variables `M2PT_API_KEY` and `M2PT_OPS_TOKEN` and are
-held as `SecretStr`, so they never appear in logs or reprs. There are deliberately no CLI flags for them (a flag
-would show in `ps`).
+Secrets (`api_key`, `ops_token`) default to the environment variables `M2PT_API_KEY` and `M2PT_OPS_TOKEN` and
+are held as `SecretStr`, so they never appear in logs or reprs. There are deliberately no CLI flags for them
+(a flag would show in `ps`).
 
-Binding: `host` defaults to 127.0.0.1 (nothing outside the machine can reach a fresh install). A container needs
-`--host 0.0.0.0`, which the Dockerfile passes explicitly.
+Binding: `host` defaults to 127.0.0.1 (nothing outside the machine can reach a fresh install). A container
+needs `--host 0.0.0.0`, which the Dockerfile passes explicitly.
 
 This module does not load models, open stores or read request data.
 """
@@ -68,14 +68,22 @@ class Settings(BaseModel):
     max_bundles_per_batch: int | None = Field(
         None, ge=1, description="distinct bundles per decode step (None = unlimited; 1 = one bundle per step)"
     )
-    max_resident_bundles: int = Field(32, ge=1, le=100_000, description="bundle prefixes kept on the device (LRU)")
-    image_cache_size: int = Field(256, ge=0, le=1_000_000, description="image-feature cache entries (0 = off)")
+    max_resident_bundles: int = Field(
+        32, ge=1, le=100_000, description="bundle prefixes kept on the device (LRU)"
+    )
+    image_cache_size: int = Field(
+        256, ge=0, le=1_000_000, description="image-feature cache entries (0 = off)"
+    )
     request_timeout_s: float = Field(120.0, gt=0, le=86_400, description="end-to-end limit of one request")
 
     # Request limits.
     max_tokens_limit: int = Field(512, ge=1, le=1_000_000, description="largest max_tokens a request may ask")
-    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request does not say")
-    max_instruction_chars: int = Field(8192, ge=1, le=10_000_000, description="longest instruction / message text")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens when a request does not say (None: min(64, max_tokens_limit))"
+    )
+    max_instruction_chars: int = Field(
+        8192, ge=1, le=10_000_000, description="longest instruction / message text"
+    )
     max_messages: int = Field(64, ge=1, le=10_000, description="most messages in one OpenAI request")
     max_images_per_request: int = Field(1, ge=1, le=64, description="most images in one request")
     max_stop_strings: int = Field(8, ge=0, le=64, description="most stop strings in one request")
@@ -86,21 +94,31 @@ class Settings(BaseModel):
     max_image_side: int = Field(4096, ge=1, description="cap on the longer side in pixels")
     max_image_aspect_ratio: float = Field(20.0, ge=1, description="cap on long side / short side")
     allow_remote_images: bool = Field(False, description="fetch http(s) image URLs (off: refused with 400)")
-    remote_image_domains: tuple[str, ...] = Field((), description="hosts remote images may come from (required)")
-    remote_image_allow_private: bool = Field(False, description="allow private/loopback addresses of those hosts")
+    remote_image_domains: tuple[str, ...] = Field(
+        (), description="hosts remote images may come from (required)"
+    )
+    remote_image_allow_private: bool = Field(
+        False, description="allow private/loopback addresses of those hosts"
+    )
     remote_image_timeout_s: float = Field(5.0, gt=0, le=120, description="time limit of one image fetch")
     remote_image_max_bytes: int = Field(8 * MiB, ge=1, description="size cap of one fetched image")
 
     # Bundle uploads.
     max_bundle_bytes: int = Field(256 * MiB, ge=1024, description="size cap of an uploaded tensors file")
-    max_manifest_bytes: int = Field(64 * 1024, ge=256, le=16 * MiB, description="size cap of an uploaded manifest")
+    max_manifest_bytes: int = Field(
+        64 * 1024, ge=256, le=16 * MiB, description="size cap of an uploaded manifest"
+    )
 
     # Auth (from the environment by default).
     api_key: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("M2PT_API_KEY"), description="chat routes need it when set"
+        default_factory=lambda: _env_secret("M2PT_API_KEY"),
+        validate_default=True,
+        description="chat routes need it when set",
     )
     ops_token: SecretStr | None = Field(
-        default_factory=lambda: _env_secret("M2PT_OPS_TOKEN"), description="ops routes need it; unset = ops off"
+        default_factory=lambda: _env_secret("M2PT_OPS_TOKEN"),
+        validate_default=True,
+        description="ops routes need it; unset = ops off",
     )
 
     @field_validator("model")
@@ -124,13 +142,23 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.default_max_tokens > self.max_tokens_limit:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
+                f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                f"max_tokens_limit ({self.max_tokens_limit})"
             )
         if self.allow_remote_images and not self.remote_image_domains:
-            raise ValueError("allow_remote_images needs remote_image_domains: the hosts images may be fetched from")
+            raise ValueError(
+                "allow_remote_images needs remote_image_domains: the hosts images may be fetched from"
+            )
         return self
+
+    @property
+    def effective_default_max_tokens(self) -> int:
+        """max_tokens of a request that does not say."""
+        return (
+            self.default_max_tokens if self.default_max_tokens is not None else min(64, self.max_tokens_limit)
+        )
 
     @property
     def max_upload_bytes(self) -> int:
@@ -138,15 +166,21 @@ class Settings(BaseModel):
         return self.max_bundle_bytes + self.max_manifest_bytes + 64 * 1024
 
     def check_paths(self) -> None:
-        """Startup check of the filesystem side: the model must be an existing directory or look like a hub id,
-        and the store location must be a directory (or creatable). Raises `SettingsError` with the fix."""
+        """Startup check of the filesystem side: the model must be an existing directory or look like a hub
+        id, and the store location must be a directory (or creatable). Raises `SettingsError` with the fix."""
         model_path = Path(self.model).expanduser()
         if model_path.exists():
             if not model_path.is_dir():
                 raise SettingsError(f"--model {self.model!r} is a file; pass the checkpoint directory")
         elif model_path.is_absolute() or self.model.startswith(".") or not _HF_ID.match(self.model):
-            hint = " (the shipped demo model is missing: build it as the README says)" if model_path == DEMO_MODEL_DIR else ""
-            raise SettingsError(f"--model {self.model!r}: no such directory and not a Hugging Face hub id{hint}")
+            hint = (
+                " (the shipped demo model is missing: build it as the README says)"
+                if model_path == DEMO_MODEL_DIR
+                else ""
+            )
+            raise SettingsError(
+                f"--model {self.model!r}: no such directory and not a Hugging Face hub id{hint}"
+            )
         store = self.store.expanduser()
         if store.exists() and not store.is_dir():
             raise SettingsError(f"--store {str(store)!r} exists and is not a directory")

@@ -1,7 +1,8 @@
-"""Test helpers for the HTTP layer: a deterministic fake engine, a real uvicorn server in a thread, test images.
+"""Test helpers for the HTTP layer: a deterministic fake engine, a real uvicorn server in a thread, test
+images.
 
-`FakeEngine` implements `server.engine.client.EngineClient` without a model: it answers "echo <last user text>"
-(plus "image WxH" for each image) one word per event, can be slowed down (`delay_s`), made to raise
+`FakeEngine` implements `server.engine.client.EngineClient` without a model: it answers "echo <last user
+text>" (plus "image WxH" for each image) one word per event, can be slowed down (`delay_s`), made to raise
 `QueueFullError`, or to fail mid-stream, and records which requests finished and which were closed early (a
 client disconnect must close the iterator). With a `store` it resolves bundles through it (so unknown bundles
 raise the store's 404), and exposes `store`/`spec` for the ops routes. It lives in tests only.
@@ -24,8 +25,14 @@ from server.engine.types import GenerationRequest, StreamEvent
 
 
 class FakeEngine:
-    def __init__(self, store=None, spec=None, bundles=("colors",), delay_s: float = 0.0,
-                 base_model_id: str = "fake-base") -> None:
+    def __init__(
+        self,
+        store=None,
+        spec=None,
+        bundles=("colors",),
+        delay_s: float = 0.0,
+        base_model_id: str = "fake-base",
+    ) -> None:
         self.store, self.spec = store, spec
         self.bundle_limits = None
         self.bundles = set(bundles)

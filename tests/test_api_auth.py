@@ -1,6 +1,6 @@
-"""Auth: /health, /ready, /metrics are the only public routes; every other route (enumerated from the app, so a new
-one cannot be missed) needs the chat API key or the ops token, compared exactly; ops answer 403 when no ops token is
-configured; an unprotected route stops the app from being built."""
+"""Auth: /health, /ready, /metrics are the only public routes; every other route (enumerated from the app, so
+a new one cannot be missed) needs the chat API key or the ops token, compared exactly; ops answer 403 when no
+ops token is configured; an unprotected route stops the app from being built."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ def all_endpoints(app) -> list[tuple[str, str, object]]:
     for route in iter_routes(app.routes):
         path = re.sub(r"\{(\w+)\}", lambda m: {"version": "v1"}.get(m.group(1), "colors"), route.path)
         deps = [d.dependency for d in route.dependencies]
-        guard = require_ops_token if require_ops_token in deps else require_api_key if require_api_key in deps else None
+        guard = (
+            require_ops_token
+            if require_ops_token in deps
+            else require_api_key
+            if require_api_key in deps
+            else None
+        )
         out += [(method, path, guard) for method in sorted(route.methods)]
     return out
 
@@ -41,14 +47,23 @@ def test_the_route_inventory_is_what_we_expect():
     routes = {(m, p): g for m, p, g in all_endpoints(app)}
     assert {p for (m, p), g in routes.items() if g is None} == PUBLIC
     assert {p for (m, p), g in routes.items() if g is require_api_key} == {
-        "/v1/chat", "/v1/chat/completions", "/v1/models"}
+        "/v1/chat",
+        "/v1/chat/completions",
+        "/v1/models",
+    }
     assert {(m, p) for (m, p), g in routes.items() if g is require_ops_token} == {
-        ("POST", "/v1/bundles"), ("GET", "/v1/bundles"), ("GET", "/v1/bundles/colors"),
-        ("DELETE", "/v1/bundles/colors"), ("DELETE", "/v1/bundles/colors/v1")}
+        ("POST", "/v1/bundles"),
+        ("GET", "/v1/bundles"),
+        ("GET", "/v1/bundles/colors"),
+        ("DELETE", "/v1/bundles/colors"),
+        ("DELETE", "/v1/bundles/colors/v1"),
+    }
 
 
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token-000", "Basic " + API_KEY, f"Bearer {API_KEY}x",
-                                    "Bearer", f"bearer{API_KEY}"])
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong-token-000", "Basic " + API_KEY, f"Bearer {API_KEY}x", "Bearer", f"bearer{API_KEY}"],
+)
 def test_every_protected_route_refuses_missing_or_wrong_credentials(header):
     app, client = make()
     headers = {} if header is None else {"Authorization": header}
@@ -69,9 +84,15 @@ def test_keys_are_not_interchangeable_and_not_read_from_the_query():
     app, client = make()
     for method, path, guard in all_endpoints(app):
         if guard is require_ops_token:
-            assert client.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+            assert (
+                client.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"}).status_code
+                == 401
+            )
         if guard is require_api_key:
-            assert client.request(method, path, headers={"Authorization": f"Bearer {OPS_TOKEN}"}).status_code == 401
+            assert (
+                client.request(method, path, headers={"Authorization": f"Bearer {OPS_TOKEN}"}).status_code
+                == 401
+            )
     assert client.get(f"/v1/models?api_key={API_KEY}").status_code == 401
     assert client.get(f"/v1/bundles?token={OPS_TOKEN}").status_code == 401
 
@@ -90,8 +111,10 @@ def test_ops_routes_are_403_without_a_configured_token():
         if guard is require_ops_token:
             resp = client.request(method, path, headers={"Authorization": f"Bearer {OPS_TOKEN}"})
             assert resp.status_code == 403
-            assert resp.json()["error"] == {"type": "forbidden", "message":
-                                            "the ops API is disabled on this server: start it with M2PT_OPS_TOKEN set"}
+            assert resp.json()["error"] == {
+                "type": "forbidden",
+                "message": "the ops API is disabled on this server: start it with M2PT_OPS_TOKEN set",
+            }
 
 
 def test_chat_is_open_without_an_api_key_but_ops_stay_closed():
@@ -101,8 +124,18 @@ def test_chat_is_open_without_an_api_key_but_ops_stay_closed():
     assert client.get("/v1/bundles").status_code == 401
 
 
-@pytest.mark.parametrize("path", ["/v1/bundles/", "//v1/bundles", "/V1/BUNDLES", "/v1/bundles/%2e%2e", "/v1/./bundles",
-                                  "/v1/bundles?x=/health", "/health/../v1/bundles"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/bundles/",
+        "//v1/bundles",
+        "/V1/BUNDLES",
+        "/v1/bundles/%2e%2e",
+        "/v1/./bundles",
+        "/v1/bundles?x=/health",
+        "/health/../v1/bundles",
+    ],
+)
 def test_path_tricks_never_reach_ops_without_a_token(path):
     _, client = make()
     resp = client.get(path, follow_redirects=False)

@@ -1,5 +1,5 @@
-"""POST /v1/chat against the fake engine: answers, SSE streaming, every bad input of issue 3 (status AND message, and
-the next request still works), unknown bundles, overload, readiness and request metrics."""
+"""POST /v1/chat against the fake engine: answers, SSE streaming, every bad input of issue 3 (status AND
+message, and the next request still works), unknown bundles, overload, readiness and request metrics."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ from server.settings import Settings
 
 
 def make_client(engine=None, **settings):
-    values = {"api_key": None, "ops_token": None, "max_body_bytes": 64 * 1024, "max_instruction_chars": 200,
-              "max_tokens_limit": 100, **settings}
+    values = {
+        "api_key": None,
+        "ops_token": None,
+        "max_body_bytes": 64 * 1024,
+        "max_instruction_chars": 200,
+        "max_tokens_limit": 100,
+        **settings,
+    }
     app = create_app(Settings(**values), engine if engine is not None else FakeEngine())
     return TestClient(app, raise_server_exceptions=False)
 
@@ -48,9 +54,19 @@ def good(client) -> None:
 
 
 def test_answer_shape(client, engine):
-    resp = client.post("/v1/chat", json={"instruction": "what color?", "image": png_b64((20, 12)),
-                                         "bundle": "colors", "max_tokens": 10, "temperature": 0.5, "top_p": 0.9,
-                                         "seed": 3, "stop": ["."]})
+    resp = client.post(
+        "/v1/chat",
+        json={
+            "instruction": "what color?",
+            "image": png_b64((20, 12)),
+            "bundle": "colors",
+            "max_tokens": 10,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "seed": 3,
+            "stop": ["."],
+        },
+    )
     assert resp.status_code == 200
     body = resp.json()
     assert set(body) == {"id", "bundle", "text", "finish_reason", "usage"}
@@ -59,7 +75,9 @@ def test_answer_shape(client, engine):
     seen = engine.requests[-1]
     assert seen.bundle == "colors" and seen.sampling.max_tokens == 10 and seen.sampling.seed == 3
     assert seen.sampling.temperature == 0.5 and seen.sampling.top_p == 0.9 and seen.sampling.stop == (".",)
-    assert seen.messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}]
+    assert seen.messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}
+    ]
     assert seen.images[0].mode == "RGB" and seen.timeout_s == 120.0
 
 
@@ -89,7 +107,9 @@ def test_engine_failure_mid_stream_is_reported_in_band(engine, client):
     resp = client.post("/v1/chat", json={"instruction": "a b c d", "stream": True})
     events = sse_events(resp.text)
     assert events[-1] == "[DONE]"
-    assert json.loads(events[-2]) == {"error": {"type": "engine_error", "message": "the fake engine failed mid-stream"}}
+    assert json.loads(events[-2]) == {
+        "error": {"type": "engine_error", "message": "the fake engine failed mid-stream"}
+    }
     engine.fail_after = None
     good(client)
 
@@ -106,16 +126,31 @@ BOMB = base64.b64encode(png_with_header(5000, 5000, b"garbage")).decode()
         ({"image": TRUNCATED}, 400, "invalid_image", "truncated or corrupt"),
         ({"image": BOMB}, 413, "image_too_large", "5000x5000 pixels, over the limit"),
         ({"image": "https://example.com/cat.png"}, 400, "remote_image_refused", "allow_remote_images is off"),
-        ({"image": "http://169.254.169.254/latest"}, 400, "remote_image_refused", "allow_remote_images is off"),
+        (
+            {"image": "http://169.254.169.254/latest"},
+            400,
+            "remote_image_refused",
+            "allow_remote_images is off",
+        ),
         ({"instruction": ""}, 400, "invalid_request", "instruction is empty"),
         ({"instruction": "   \n "}, 400, "invalid_request", "instruction is empty"),
         ({"instruction": "x" * 201}, 400, "invalid_request", "201 characters, over the limit of 200"),
         ({"max_tokens": 0}, 400, "invalid_request", "max_tokens: Input should be greater than or equal to 1"),
-        ({"max_tokens": -1}, 400, "invalid_request", "max_tokens: Input should be greater than or equal to 1"),
+        (
+            {"max_tokens": -1},
+            400,
+            "invalid_request",
+            "max_tokens: Input should be greater than or equal to 1",
+        ),
         ({"max_tokens": 101}, 400, "invalid_request", "max_tokens 101 is over this server's limit of 100"),
         ({"max_tokens": 2**40}, 400, "invalid_request", "max_tokens: Input should be less than or equal to"),
         ({"max_tokens": "5"}, 400, "invalid_request", "max_tokens: Input should be a valid integer"),
-        ({"temperature": 2.5}, 400, "invalid_request", "temperature: Input should be less than or equal to 2"),
+        (
+            {"temperature": 2.5},
+            400,
+            "invalid_request",
+            "temperature: Input should be less than or equal to 2",
+        ),
         ({"top_p": 0}, 400, "invalid_request", "top_p: Input should be greater than 0"),
         ({"stop": ["a"] * 9}, 400, "invalid_request", "9 stop strings, over the limit of 8"),
         ({"color": "red"}, 400, "invalid_request", "color: unknown field"),
@@ -134,9 +169,15 @@ def test_bad_inputs(client, engine, payload, status, error_type, fragment):
 
 
 def test_nan_temperature_and_non_json_body(client):
-    resp = client.post("/v1/chat", content=b'{"instruction": "hi", "temperature": NaN}',
-                       headers={"content-type": "application/json"})
-    assert resp.status_code == 400 and "temperature: Input should be a finite number" in resp.json()["error"]["message"]
+    resp = client.post(
+        "/v1/chat",
+        content=b'{"instruction": "hi", "temperature": NaN}',
+        headers={"content-type": "application/json"},
+    )
+    assert (
+        resp.status_code == 400
+        and "temperature: Input should be a finite number" in resp.json()["error"]["message"]
+    )
     resp = client.post("/v1/chat", content=b'{"instruction": ', headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
     good(client)
@@ -146,8 +187,10 @@ def test_oversize_body_is_413_before_parsing(client):
     big = {"instruction": "hi", "image": "A" * (70 * 1024)}
     resp = client.post("/v1/chat", json=big)
     assert resp.status_code == 413
-    assert resp.json()["error"] == {"type": "payload_too_large", "message":
-                                    "request body is larger than the limit of 65536 bytes; send a smaller body"}
+    assert resp.json()["error"] == {
+        "type": "payload_too_large",
+        "message": "request body is larger than the limit of 65536 bytes; send a smaller body",
+    }
     good(client)
 
 

@@ -1,5 +1,5 @@
-"""server.images / server.image_fetch: every kind of bad image gets its own typed error and message; odd but valid
-images decode to RGB. Remote fetching is exercised against a real local HTTP server."""
+"""server.images / server.image_fetch: every kind of bad image gets its own typed error and message; odd but
+valid images decode to RGB. Remote fetching is exercised against a real local HTTP server."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_with_header(width: int, height: int, idat: bytes) -> bytes:
@@ -91,8 +93,11 @@ def test_malformed_references_are_invalid_image(reference, fragment):
 
 
 def test_non_image_bytes_and_disallowed_formats_are_refused():
-    for raw in (b"hello, I am plain text and not an image at all",
-                _encode(Image.new("RGB", (8, 8)), "BMP"), _encode(Image.new("RGB", (8, 8)), "TIFF")):
+    for raw in (
+        b"hello, I am plain text and not an image at all",
+        _encode(Image.new("RGB", (8, 8)), "BMP"),
+        _encode(Image.new("RGB", (8, 8)), "TIFF"),
+    ):
         with pytest.raises(ImageError) as info:
             load_image(_b64(raw), SETTINGS)
         assert info.value.status == 400
@@ -108,7 +113,8 @@ def test_truncated_png_is_refused_not_half_decoded():
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
-    # IDAT is garbage: decoding would fail with "truncated or corrupt", so a size error proves no decode happened
+    # IDAT is garbage: decoding would fail with "truncated or corrupt", so a size error proves no decode
+    # happened
     bomb = png_with_header(5000, 5000, b"not deflate data at all")
     with pytest.raises(ImageTooLargeError) as info:
         load_image(_b64(bomb), SETTINGS)
@@ -126,7 +132,9 @@ def test_real_decompression_bomb_is_refused():
 
 def test_pillow_bomb_error_becomes_our_413():
     with pytest.raises(ImageTooLargeError) as info:  # 400 MP: Pillow itself raises at open
-        decode_image_bytes(png_with_header(20000, 20000, b"x"), ImageLimits(max_pixels=10**12, max_side=10**6))
+        decode_image_bytes(
+            png_with_header(20000, 20000, b"x"), ImageLimits(max_pixels=10**12, max_side=10**6)
+        )
     assert "decompression bomb" in info.value.message
 
 
@@ -174,7 +182,11 @@ def test_animated_gif_gives_its_first_frame():
 
 
 def test_remote_urls_are_refused_by_default():
-    for url in ("http://169.254.169.254/latest/meta-data/", "https://example.com/cat.png", "HTTP://127.0.0.1/x"):
+    for url in (
+        "http://169.254.169.254/latest/meta-data/",
+        "https://example.com/cat.png",
+        "HTTP://127.0.0.1/x",
+    ):
         with pytest.raises(RemoteImageRefusedError) as info:
             load_image(url, SETTINGS)
         assert info.value.status == 400 and info.value.error_type == "remote_image_refused"
@@ -186,7 +198,8 @@ def test_remote_fetch_needs_an_allowlist():
         Settings(allow_remote_images=True, api_key=None, ops_token=None)
 
 
-# ------------------------------------------------------------------------------------------ remote fetching, real
+# ------------------------------------------------------------------------------------------ remote fetching,
+# real
 PNG = _encode(Image.new("RGB", (20, 10), (0, 255, 0)), "PNG")
 
 
@@ -226,8 +239,14 @@ def image_host():
 
 
 def _remote_settings(**overrides):
-    values = dict(allow_remote_images=True, remote_image_domains=("127.0.0.1",), remote_image_allow_private=True,
-                  remote_image_max_bytes=1024 * 1024, api_key=None, ops_token=None)
+    values = dict(
+        allow_remote_images=True,
+        remote_image_domains=("127.0.0.1",),
+        remote_image_allow_private=True,
+        remote_image_max_bytes=1024 * 1024,
+        api_key=None,
+        ops_token=None,
+    )
     return Settings(**{**values, **overrides})
 
 
@@ -239,7 +258,12 @@ def test_remote_fetch_works_within_limits(image_host):
     "path, overrides, error, fragment",
     [
         ("/ok.png", {"remote_image_allow_private": False}, RemoteImageRefusedError, "non-public address"),
-        ("/ok.png", {"remote_image_domains": ("images.example.com",)}, RemoteImageRefusedError, "not in this"),
+        (
+            "/ok.png",
+            {"remote_image_domains": ("images.example.com",)},
+            RemoteImageRefusedError,
+            "not in this",
+        ),
         ("/redirect", {}, RemoteImageRefusedError, "redirects are not followed"),
         ("/missing", {}, RemoteImageRefusedError, "HTTP 404"),
         ("/huge", {}, ImageTooLargeError, "over the limit of 1048576 bytes"),

@@ -1,6 +1,6 @@
 """Against a REAL uvicorn server (fake engine): a client that disconnects — mid-stream, or while waiting for a
-non-streamed answer — closes the engine iterator (its batch slot is freed), and is counted as status 499; body caps
-hold on the wire for declared and chunked bodies; the server keeps serving afterwards."""
+non-streamed answer — closes the engine iterator (its batch slot is freed), and is counted as status 499; body
+caps hold on the wire for declared and chunked bodies; the server keeps serving afterwards."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ def live():
 
 def raw_request(port: int, body: bytes, path: str = "/v1/chat", extra: str = "") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
     sock.sendall(head.encode() + body)
     return sock
 
@@ -44,11 +46,13 @@ def test_disconnect_mid_stream_frees_the_slot(live):
     server, engine = live
     closed_before = len(engine.closed_early)
     with httpx.Client(timeout=10) as client:
-        with client.stream("POST", f"{server.url}/v1/chat", json={"instruction": LONG, "max_tokens": 100,
-                                                                   "stream": True}) as resp:
+        with client.stream(
+            "POST", f"{server.url}/v1/chat", json={"instruction": LONG, "max_tokens": 100, "stream": True}
+        ) as resp:
             assert resp.status_code == 200
-            first = next(resp.iter_lines())
-            assert json.loads(first[len("data: "):])["text"] == "echo"
+            lines = resp.iter_lines()  # keep a reference: a dropped httpx iterator closes the connection
+            first = next(lines)
+            assert json.loads(first[len("data: ") :])["text"] == "echo"
             request_id = engine.requests[-1].request_id
             assert request_id in engine.active
     # the response is closed after one event of 100: the engine iterator must be closed well before the end
@@ -72,8 +76,10 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(live)
 def test_declared_oversize_body_is_413_without_reading_it(live):
     server, engine = live
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    head = ("POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "Content-Length: 1073741824\r\n\r\n")
+    head = (
+        "POST /v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1073741824\r\n\r\n"
+    )
     sock.sendall(head.encode() + b'{"instruction": "')  # claims 1 GiB, sends a few bytes
     reply = sock.recv(65536).decode()
     sock.close()
@@ -90,10 +96,12 @@ def test_chunked_oversize_body_is_413_and_server_keeps_serving(live):
             yield b"A" * 1024
         yield b'"}'
 
-    resp = httpx.post(f"{server.url}/v1/chat", content=body(), headers={"content-type": "application/json"},
-                      timeout=10)
+    resp = httpx.post(
+        f"{server.url}/v1/chat", content=body(), headers={"content-type": "application/json"}, timeout=10
+    )
     assert resp.status_code == 413
-    assert resp.json()["error"]["message"] == ("request body is larger than the limit of 32768 bytes; "
-                                               "send a smaller body")
+    assert resp.json()["error"]["message"] == (
+        "request body is larger than the limit of 32768 bytes; send a smaller body"
+    )
     ok = httpx.post(f"{server.url}/v1/chat", json={"instruction": "still alive", "max_tokens": 5}, timeout=10)
     assert ok.status_code == 200 and ok.json()["text"] == "echo still alive"

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible routes: the official `openai` client against a REAL uvicorn server (fake engine), plus the
-message conversion and refusals of fields we cannot honour."""
+"""The OpenAI-compatible routes: the official `openai` client against a REAL uvicorn server (fake engine),
+plus the message conversion and refusals of fields we cannot honour."""
 
 from __future__ import annotations
 
@@ -32,13 +32,21 @@ def oai(live):
 
 
 def image_message(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": text},
-                                         {"type": "image_url", "image_url": {"url": png_data_uri((24, 8))}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": png_data_uri((24, 8))}},
+            ],
+        }
+    ]
 
 
 def test_openai_client_chat_completion(oai, live):
-    completion = oai.chat.completions.create(model="colors", messages=image_message("what color?"), max_tokens=20,
-                                             temperature=0, seed=1)
+    completion = oai.chat.completions.create(
+        model="colors", messages=image_message("what color?"), max_tokens=20, temperature=0, seed=1
+    )
     assert completion.object == "chat.completion" and completion.model == "colors@v1"
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == "echo what color? image 24x8"
@@ -51,10 +59,16 @@ def test_openai_client_chat_completion(oai, live):
 
 
 def test_openai_client_streaming_matches_and_ends_with_usage(oai):
-    plain = oai.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "one two three"}])
+    plain = oai.chat.completions.create(
+        model="fake-base", messages=[{"role": "user", "content": "one two three"}]
+    )
     assert plain.model == "fake-base"
-    stream = oai.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "one two three"}],
-                                         stream=True, stream_options={"include_usage": True})
+    stream = oai.chat.completions.create(
+        model="fake-base",
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -78,12 +92,14 @@ def test_openai_client_errors_map_to_its_exception_types(oai, live):
         oai.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "hi"}], n=2)
     assert "only n=1 is supported" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
-        oai.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "hi"}],
-                                    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        oai.chat.completions.create(
+            model="fake-base",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
     assert "tools (tools) is not supported" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
-        oai.chat.completions.create(model="fake-base", messages=image_message("hi"),
-                                    extra_body={"top_k": 5})
+        oai.chat.completions.create(model="fake-base", messages=image_message("hi"), extra_body={"top_k": 5})
     assert "top_k: unknown field" in info.value.message
     live[1].queue_full = True
     with pytest.raises(openai.RateLimitError) as info:
@@ -98,8 +114,15 @@ def test_openai_client_errors_map_to_its_exception_types(oai, live):
 
 
 def test_remote_image_urls_are_refused_through_the_client(oai):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
-                                             {"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is it?"},
+                {"type": "image_url", "image_url": {"url": "https://x.example/a.png"}},
+            ],
+        }
+    ]
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model="fake-base", messages=messages)
     assert "remote image URLs are disabled" in info.value.message
@@ -120,14 +143,32 @@ def post(client, **body):
 
 
 def test_conversation_is_converted_to_hf_chat_format(client):
-    messages = [{"role": "developer", "content": "be brief"},
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri(), "detail": "low"}},
-                                             {"type": "text", "text": "color?"}]},
-                {"role": "assistant", "content": "red", "refusal": None, "tool_calls": None, "annotations": []},
-                {"role": "user", "content": "and the shape?", "name": "ann"}]
-    resp = post(client, messages=messages, max_completion_tokens=9, max_tokens=3, user="u1", store=False,
-                metadata={"k": "v"}, frequency_penalty=0, logprobs=False, response_format={"type": "text"},
-                tool_choice="none", n=1)
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_uri(), "detail": "low"}},
+                {"type": "text", "text": "color?"},
+            ],
+        },
+        {"role": "assistant", "content": "red", "refusal": None, "tool_calls": None, "annotations": []},
+        {"role": "user", "content": "and the shape?", "name": "ann"},
+    ]
+    resp = post(
+        client,
+        messages=messages,
+        max_completion_tokens=9,
+        max_tokens=3,
+        user="u1",
+        store=False,
+        metadata={"k": "v"},
+        frequency_penalty=0,
+        logprobs=False,
+        response_format={"type": "text"},
+        tool_choice="none",
+        n=1,
+    )
     assert resp.status_code == 200, resp.text
     seen = client.engine.requests[-1]
     assert seen.messages == [
@@ -147,17 +188,38 @@ def test_conversation_is_converted_to_hf_chat_format(client):
         ({"messages": [{"role": "user", "content": ""}]}, "the last user message's text is empty"),
         ({"messages": [{"role": "user", "content": "x" * 101}]}, "101 characters, over the limit of 100"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
-         "does not match any of the expected tags"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                    {"type": "image_url", "image_url": {"url": png_data_uri()}},
-                                                    {"type": "image_url", "image_url": {"url": png_data_uri()}}]}]},
-         "2 images in one request, over the limit of 1"),
-        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens: Input should be greater"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+            "does not match any of the expected tags",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "a"},
+                            {"type": "image_url", "image_url": {"url": png_data_uri()}},
+                            {"type": "image_url", "image_url": {"url": png_data_uri()}},
+                        ],
+                    }
+                ]
+            },
+            "2 images in one request, over the limit of 1",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+            "max_tokens: Input should be greater",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "over this server's limit"),
-        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs (logprobs) is not supported"),
-        ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-         "only response_format"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+            "logprobs (logprobs) is not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+            "only response_format",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty"),
         ({"messages": [{"role": "user", "content": "hi"}], "guided_json": {}}, "guided_json: unknown field"),
     ],
@@ -174,7 +236,12 @@ def test_streaming_sse_format(client):
     blocks = [b for b in resp.text.split("\n\n") if b]
     assert blocks[-1] == "data: [DONE]" and all(b.startswith("data: ") for b in blocks)
     chunks = [json.loads(b[6:]) for b in blocks[:-1]]
-    assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "echo"},
-                                                         {"content": " a"}, {"content": " b"}, {}]
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": ""},
+        {"content": "echo"},
+        {"content": " a"},
+        {"content": " b"},
+        {},
+    ]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, None, "stop"]
     assert "usage" not in chunks[0]  # only with stream_options.include_usage

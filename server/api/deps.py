@@ -1,14 +1,15 @@
 """FastAPI dependencies: authentication of the two route groups, and access to the app's engine and settings.
 
 Auth contract (design.md §5, issue 4):
-- chat routes (`require_api_key`): when `Settings.api_key` is set, `Authorization: Bearer <key>` is required (401
-  otherwise); when it is not set they are open.
-- ops routes (`require_ops_token`): 403 when no ops token is configured (the ops API is then off), 401 when the
-  header is missing or the token is wrong. The chat key is never accepted for ops.
+- chat routes (`require_api_key`): when `Settings.api_key` is set, `Authorization: Bearer <key>` is required
+  (401 otherwise); when it is not set they are open.
+- ops routes (`require_ops_token`): 403 when no ops token is configured (the ops API is then off), 401 when
+  the header is missing or the token is wrong. The chat key is never accepted for ops.
 - tokens are compared with `hmac.compare_digest` on bytes; they are only read from the `Authorization` header
   (never from the query string).
-Both are attached as router-level dependencies (see `server.app`), and `server.app` refuses to build an app in which
-a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlist.
+
+Both are attached as router-level dependencies (see `server.app`), and `server.app` refuses to build an app in
+which a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlist.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """One place that turns every failure into `{"error": {"type", "message"}}` with the right HTTP status.
 
 Mapped here:
-- `ApiError` (this module; raised by routes, auth and image decoding): its own `status`, `error_type`, `headers`;
-- `server.engine.errors.EngineError` (429/503 get `Retry-After`) and `prompts_store.errors.BundleError`
-  (404 unknown bundle, 400/413/422 bad bundle, 409 conflict): both carry `status` and `error_type`;
+- `ApiError` (this module; raised by routes, auth and image decoding): its own `status`, `error_type`,
+  `headers`;
+- `server.engine.errors.EngineError` (429/503 get `Retry-After`) and `prompts_store.errors.BundleError` (404
+  unknown bundle, 400/413/422 bad bundle, 409 conflict): both carry `status` and `error_type`;
 - FastAPI's `RequestValidationError` (schema violations) → 400 with the field path and what is wrong;
 - Starlette's `HTTPException` (unknown route 404, wrong method 405, 413 from the body limit) → same status;
-- anything else → 500 "internal error" (details are logged, never sent: no tracebacks or library text to clients).
+- anything else → 500 "internal error" (details are logged, never sent: no tracebacks or library text to
+  clients).
 
 This module does not decide statuses of domain errors; each error class carries its own.
 """
@@ -35,8 +37,14 @@ class ApiError(Exception):
     status = 400
     error_type = "invalid_request"
 
-    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
@@ -60,8 +68,8 @@ class ForbiddenError(ApiError):
 
 
 class PayloadTooLargeError(StarletteHTTPException):
-    """The request body is over its cap. A Starlette HTTPException on purpose: FastAPI re-raises those from body
-    parsing unchanged (any other exception there would become a generic 400)."""
+    """The request body is over its cap. A Starlette HTTPException on purpose: FastAPI re-raises those from
+    body parsing unchanged (any other exception there would become a generic 400)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than the limit of {limit} bytes; send a smaller body")
@@ -72,7 +80,9 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
     return {"error": {"type": error_type, "message": message}}
 
 
-def error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The one error shape. 429/503 always carry `Retry-After`."""
     headers = dict(headers or {})
     if status in RETRY_STATUSES:

@@ -1,11 +1,11 @@
-"""What the chat routes share: settings-dependent input checks, image decoding off the event loop, building the
-engine request, and `EngineStream`, which races every engine event against the client's disconnect.
+"""What the chat routes share: settings-dependent input checks, image decoding off the event loop, building
+the engine request, and `EngineStream`, which races every engine event against the client's disconnect.
 
-`EngineStream` contract: `open_stream` calls `engine.generate` and waits for the FIRST event, so the errors the
-engine raises before generating (unknown bundle 404, queue full 429, not ready 503, bad bundle 4xx) reach the error
-handler while an HTTP status can still be sent. If the client disconnects first — while queued or mid-answer — the
-wait ends with `ClientDisconnected` (recorded as status 499). Whatever happens, `aclose()` closes the engine iterator
-(shielded from cancellation), which aborts the request and frees its batch slot.
+`EngineStream` contract: `open_stream` calls `engine.generate` and waits for the FIRST event, so the errors
+the engine raises before generating (unknown bundle 404, queue full 429, not ready 503, bad bundle 4xx) reach
+the error handler while an HTTP status can still be sent. If the client disconnects first — while queued or
+mid-answer — the wait ends with `ClientDisconnected` (recorded as status 499). Whatever happens, `aclose()`
+closes the engine iterator (shielded from cancellation), which aborts the request and frees its batch slot.
 This module formats no responses; `routes_chat` and `routes_openai` do.
 """
 
@@ -45,15 +45,22 @@ def check_text(text: str, settings: Settings, what: str) -> None:
         raise ApiError(f"{what} is empty; send the question or instruction as text")
     if len(text) > settings.max_instruction_chars:
         raise ApiError(
-            f"{what} is {len(text)} characters, over the limit of {settings.max_instruction_chars}; shorten it"
+            f"{what} is {len(text)} characters, over the limit of {settings.max_instruction_chars}; "
+            "shorten it"
         )
 
 
-def build_sampling(settings: Settings, max_tokens: int | None, temperature: float | None, top_p: float | None,
-                   seed: int | None, stop: str | Sequence[str] | None) -> SamplingParams:
+def build_sampling(
+    settings: Settings,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+) -> SamplingParams:
     """Sampling parameters under the server's caps (`max_tokens_limit`, `max_stop_strings`)."""
     if max_tokens is None:
-        max_tokens = settings.default_max_tokens
+        max_tokens = settings.effective_default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise ApiError(f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens_limit}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -79,10 +86,22 @@ async def decode_images(references: Sequence[str], settings: Settings) -> list[A
     return [await run_in_threadpool(load_image, ref, settings) for ref in references]
 
 
-def make_request(request_id: str, messages: list[dict[str, Any]], images: list[Any], bundle: str | None,
-                 sampling: SamplingParams, settings: Settings) -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, messages=messages, images=images, bundle=bundle,
-                             sampling=sampling, timeout_s=settings.request_timeout_s)
+def make_request(
+    request_id: str,
+    messages: list[dict[str, Any]],
+    images: list[Any],
+    bundle: str | None,
+    sampling: SamplingParams,
+    settings: Settings,
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id,
+        messages=messages,
+        images=images,
+        bundle=bundle,
+        sampling=sampling,
+        timeout_s=settings.request_timeout_s,
+    )
 
 
 def set_metric_labels(request: Request, *, bundle: str | None = None, status: str | None = None) -> None:
@@ -161,7 +180,9 @@ async def _cancel(task: asyncio.Future) -> None:
             task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
-async def open_stream(request: Request, engine, gen_request: GenerationRequest) -> tuple[EngineStream, StreamEvent]:
+async def open_stream(
+    request: Request, engine, gen_request: GenerationRequest
+) -> tuple[EngineStream, StreamEvent]:
     """Start generating and return the stream with its first event (engine errors propagate from here)."""
     stream = EngineStream(request, engine.generate(gen_request))
     try:

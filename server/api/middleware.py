@@ -1,16 +1,17 @@
 """Pure ASGI middleware: the request-body size cap and per-request metrics.
 
-`BodyLimitMiddleware` enforces the cap BEFORE the body is parsed: a declared `Content-Length` over the cap is answered
-413 without reading a byte; a body streamed without one (chunked) is counted as it arrives and the read fails with
-`PayloadTooLargeError` (413) the moment it passes the cap, so nothing larger than the cap is ever buffered. Bundle
-uploads (`POST /v1/bundles`) get their own, larger cap. Being pure ASGI (no `BaseHTTPMiddleware`), it keeps
-`receive` intact for disconnect detection.
+`BodyLimitMiddleware` enforces the cap BEFORE the body is parsed: a declared `Content-Length` over the cap is
+answered 413 without reading a byte; a body streamed without one (chunked) is counted as it arrives and the
+read fails with `PayloadTooLargeError` (413) the moment it passes the cap, so nothing larger than the cap is
+ever buffered. Bundle uploads (`POST /v1/bundles`) get their own, larger cap. Being pure ASGI (no
+`BaseHTTPMiddleware`), it keeps `receive` intact for disconnect detection.
 
-`RequestMetricsMiddleware` counts each finished chat request in `m2pt_requests{bundle, status}`. Routes report the
-resolved bundle ("name@version", or "none" for the base model) and any status the HTTP status line cannot show (499
-when the client went away, the error status of a stream that failed mid-way) through `scope["state"]`; requests
-that fail before a bundle is resolved are counted under bundle "unknown" (client-chosen names never become labels).
-Neither middleware authenticates anything; auth is a router-level dependency (`server.api.deps`).
+`RequestMetricsMiddleware` counts each finished chat request in `m2pt_requests{bundle, status}`. Routes report
+the resolved bundle ("name@version", or "none" for the base model) and any status the HTTP status line cannot
+show (499 when the client went away, the error status of a stream that failed mid-way) through
+`scope["state"]`; requests that fail before a bundle is resolved are counted under bundle "unknown"
+(client-chosen names never become labels). Neither middleware authenticates anything; auth is a router-level
+dependency (`server.api.deps`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ STATE_STATUS = "m2pt_status"
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, default_limit: int, upload_limit: int, upload_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, default_limit: int, upload_limit: int, upload_paths: frozenset[str]
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.upload_limit = upload_limit
@@ -95,7 +98,10 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _send_json(send: Send, status: int, body: dict) -> None:
     payload = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})

@@ -1,14 +1,15 @@
 """Request and response schemas of the HTTP API (pydantic v2).
 
 - `/v1/chat` (ours): `ChatRequest` is strict (no type coercion) and forbids unknown fields.
-- `/v1/chat/completions` (OpenAI): `ChatCompletionRequest` declares every field the official `openai` client can
-  send, so the client works unchanged; unknown fields are refused, and fields we cannot honour (n > 1, tools,
-  logprobs, penalties, JSON response formats, audio...) are refused with a message naming them instead of being
-  silently ignored. Purely informational fields (user, metadata, store, service_tier, cache keys) are accepted.
-  Unlike OpenAI, `temperature` defaults to 0 (greedy), so answers are reproducible unless sampling is asked for.
+- `/v1/chat/completions` (OpenAI): `ChatCompletionRequest` declares every field the official `openai` client
+  can send, so the client works unchanged; unknown fields are refused, and fields we cannot honour (n > 1,
+  tools, logprobs, penalties, JSON response formats, audio...) are refused with a message naming them instead
+  of being silently ignored. Purely informational fields (user, metadata, store, service_tier, cache keys) are
+  accepted. Unlike OpenAI, `temperature` defaults to 0 (greedy), so answers are reproducible unless sampling
+  is asked for.
 
-Static bounds live here; limits that depend on the server's settings (max_tokens cap, instruction length, number of
-images or stop strings) are checked by `server.api.generation` and give the same 400 error shape.
+Static bounds live here; limits that depend on the server's settings (max_tokens cap, instruction length,
+number of images or stop strings) are checked by `server.api.generation` and give the same 400 error shape.
 This module builds no engine requests and decodes no images.
 """
 
@@ -26,7 +27,8 @@ StopStrings = Annotated[str, Field(min_length=1, max_length=128)] | Annotated[li
 BundleRef = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-# ---------------------------------------------------------------------------------------------------- /v1/chat
+# ----------------------------------------------------------------------------------------------------
+# /v1/chat
 class ChatRequest(BaseModel):
     """`POST /v1/chat`. `image` is base64 or a data: URI (http(s) URLs only when the server allows them)."""
 
@@ -84,7 +86,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    """One OpenAI message. Assistant messages echoed back by clients may carry null `refusal`/`tool_calls`/..."""
+    """One OpenAI message. Assistant messages echoed back by clients may carry null `refusal` etc."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,13 +1,13 @@
 """`POST /v1/chat`: one instruction (+ an optional image) answered by the base model or a named bundle.
 
 Request: `server.api.protocol.ChatRequest`. Answer: `{"id", "bundle", "text", "finish_reason", "usage":
-{"prompt_tokens", "completion_tokens"}}`, `bundle` being the resolved "name@version" (null for the base model).
-With `"stream": true` the answer is SSE: one `data: {"id", "bundle", "text": <delta>, "finish_reason": null}` per
-piece, the last carrying `finish_reason` and `usage`, then `data: [DONE]`. An error after streaming began is sent as
-`data: {"error": {...}}` before `[DONE]`.
+{"prompt_tokens", "completion_tokens"}}`, `bundle` being the resolved "name@version" (null for the base
+model). With `"stream": true` the answer is SSE: one `data: {"id", "bundle", "text": <delta>, "finish_reason":
+null}` per piece, the last carrying `finish_reason` and `usage`, then `data: [DONE]`. An error after streaming
+began is sent as `data: {"error": {...}}` before `[DONE]`.
 
-The route is thin: check, decode the image in a worker thread, build a `GenerationRequest`, relay engine events.
-It never falls back to the base model when a named bundle is unknown (the engine's 404 is passed on).
+The route is thin: check, decode the image in a worker thread, build a `GenerationRequest`, relay engine
+events. It never falls back to the base model when a named bundle is unknown (the engine's 404 is passed on).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ async def chat(body: ChatRequest, request: Request) -> ChatResponse | EventStrea
     images = await decode_images([body.image] if body.image is not None else [], settings)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": body.instruction}]
     request_id = new_request_id("chat")
-    gen_request = make_request(request_id, [{"role": "user", "content": content}], images, body.bundle, sampling,
-                               settings)
+    gen_request = make_request(
+        request_id, [{"role": "user", "content": content}], images, body.bundle, sampling, settings
+    )
     stream, first = await open_stream(request, engine, gen_request)
     if body.stream:
         return EventStreamResponse(_chat_events(request, stream, first), stream)
@@ -55,8 +56,13 @@ async def chat(body: ChatRequest, request: Request) -> ChatResponse | EventStrea
         text, last = await _collect(stream, first)
     finally:
         await stream.aclose()
-    return ChatResponse(id=request_id, bundle=last.bundle, text=text, finish_reason=last.finish_reason,
-                        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens))
+    return ChatResponse(
+        id=request_id,
+        bundle=last.bundle,
+        text=text,
+        finish_reason=last.finish_reason,
+        usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
+    )
 
 
 async def _collect(stream: EngineStream, first: StreamEvent) -> tuple[str, StreamEvent]:
@@ -69,7 +75,12 @@ async def _collect(stream: EngineStream, first: StreamEvent) -> tuple[str, Strea
 
 
 def _chunk(event: StreamEvent) -> dict:
-    chunk = {"id": event.request_id, "bundle": event.bundle, "text": event.text, "finish_reason": event.finish_reason}
+    chunk = {
+        "id": event.request_id,
+        "bundle": event.bundle,
+        "text": event.text,
+        "finish_reason": event.finish_reason,
+    }
     if event.finish_reason is not None:
         chunk["usage"] = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
     return chunk

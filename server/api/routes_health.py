@@ -1,7 +1,8 @@
-"""The only public routes: `GET /health` (the process answers), `GET /ready` (the engine can serve) and
-`GET /metrics` (Prometheus text format). They do no model work and read no request data.
+"""The only public routes: `GET /health` (the process answers), `GET /ready` (the engine can serve) and `GET
+/metrics` (Prometheus text format). They do no model work and read no request data.
 
-`/ready` answers 503 with `Retry-After` (in the usual error shape) while the model loads or after the engine stopped.
+`/ready` answers 503 with `Retry-After` (in the usual error shape) while the model loads or after the engine
+stopped.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """OpenAI-compatible routes: `POST /v1/chat/completions` and `GET /v1/models`.
 
-- `model` names a bundle ("name" or "name@version") or the base model (its id as listed by `/v1/models`).
-  An unknown bundle is a 404 in OpenAI's error shape, never a silent fallback to the base model.
+- `model` names a bundle ("name" or "name@version") or the base model (its id as listed by `/v1/models`). An
+  unknown bundle is a 404 in OpenAI's error shape, never a silent fallback to the base model.
 - Messages carry plain string content or parts: `{"type": "text"}` and `{"type": "image_url", "image_url":
-  {"url": "data:image/...;base64,..."}}`. They are passed to the engine in Hugging Face chat format (developer →
-  system), images in order. The last message must be the user's, with text.
+  {"url": "data:image/...;base64,..."}}`. They are passed to the engine in Hugging Face chat format (developer
+  → system), images in order. The last message must be the user's, with text.
 - `stream: true` gives `chat.completion.chunk` SSE events ending with `data: [DONE]`; with
   `stream_options.include_usage` a final chunk with empty `choices` carries the usage.
-- `finish_reason` is the engine's: "stop", "length", or "timeout"/"abort" when the server cut the answer short.
-The official `openai` Python client works against these routes unchanged (tested in tests/test_api_openai_client.py).
+- `finish_reason` is the engine's: "stop", "length", or "timeout"/"abort" when the server cut the answer
+  short.
+
+The official `openai` Python client works against these routes unchanged (tested in tests/test_api_openai.py).
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from server.settings import Settings
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def convert_messages(messages: list[ChatMessage], settings: Settings) -> tuple[list[dict[str, Any]], list[str]]:
-    """OpenAI messages → (HF chat messages with `{"type": "image"}` placeholders, image references in order)."""
+def convert_messages(
+    messages: list[ChatMessage], settings: Settings
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """OpenAI messages → (HF chat messages with `{"type": "image"}` placeholders, image references)."""
     if len(messages) > settings.max_messages:
         raise ApiError(f"{len(messages)} messages, over the limit of {settings.max_messages}")
     if messages[-1].role != "user":
@@ -60,8 +64,10 @@ def convert_messages(messages: list[ChatMessage], settings: Settings) -> tuple[l
                 continue
             text = part if isinstance(part, str) else part.text
             if len(text) > settings.max_instruction_chars:
-                raise ApiError(f"messages[{index}] text is {len(text)} characters, over the limit of "
-                               f"{settings.max_instruction_chars}; shorten it")
+                raise ApiError(
+                    f"messages[{index}] text is {len(text)} characters, over the limit of "
+                    f"{settings.max_instruction_chars}; shorten it"
+                )
             parts.append({"type": "text", "text": text})
         role = "system" if message.role == "developer" else message.role
         converted.append({"role": role, "content": parts})
@@ -76,17 +82,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     engine = get_engine(request)
     bundle = None if body.model == engine.base_model_id else body.model
     messages, image_refs = convert_messages(body.messages, settings)
-    sampling = build_sampling(settings, body.requested_max_tokens, body.temperature, body.top_p, body.seed,
-                              body.stop)
+    sampling = build_sampling(
+        settings, body.requested_max_tokens, body.temperature, body.top_p, body.seed, body.stop
+    )
     images = await decode_images(image_refs, settings)
     request_id = new_request_id("chatcmpl")
-    stream, first = await open_stream(request, engine,
-                                      make_request(request_id, messages, images, bundle, sampling, settings))
+    stream, first = await open_stream(
+        request, engine, make_request(request_id, messages, images, bundle, sampling, settings)
+    )
     created = int(time.time())
     model = first.bundle or engine.base_model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_chunks(request, stream, first, _ChunkMaker(request_id, created, model, include_usage))
+        events = _completion_chunks(
+            request, stream, first, _ChunkMaker(request_id, created, model, include_usage)
+        )
         return EventStreamResponse(events, stream)
     try:
         pieces, last = [first.text], first
@@ -101,36 +111,63 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
-                     "finish_reason": last.finish_reason, "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
+                "finish_reason": last.finish_reason,
+                "logprobs": None,
+            }
+        ],
         "usage": _usage(last),
     }
 
 
 def _usage(event: StreamEvent) -> dict[str, int]:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+    return {
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "total_tokens": event.prompt_tokens + event.completion_tokens,
+    }
 
 
 class _ChunkMaker:
     def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
-        self.request_id, self.created, self.model, self.include_usage = request_id, created, model, include_usage
+        self.request_id, self.created, self.model, self.include_usage = (
+            request_id,
+            created,
+            model,
+            include_usage,
+        )
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-        out = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "system_fingerprint": None,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        out = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+        }
         if self.include_usage:
             out["usage"] = None
         return out
 
     def usage_chunk(self, event: StreamEvent) -> dict[str, Any]:
-        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": None, "choices": [], "usage": _usage(event)}
+        return {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": _usage(event),
+        }
 
 
-async def _completion_chunks(request: Request, stream: EngineStream, first: StreamEvent,
-                             maker: _ChunkMaker) -> AsyncIterator[bytes]:
+async def _completion_chunks(
+    request: Request, stream: EngineStream, first: StreamEvent, maker: _ChunkMaker
+) -> AsyncIterator[bytes]:
     yield sse_data(maker.chunk({"role": "assistant", "content": ""}, None))
     event: StreamEvent | None = first
     try:
@@ -154,16 +191,21 @@ async def _completion_chunks(request: Request, stream: EngineStream, first: Stre
     yield DONE
 
 
-
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     """OpenAI model list: the base model, then every bundle by name (its latest version) and by name@version.
     `created` is the server's start for the base model and the publish time of a bundle version."""
     engine = get_engine(request)
-    base = {"id": engine.base_model_id, "object": "model", "created": int(request.app.state.started_at),
-            "owned_by": "m2pt"}
+    base = {
+        "id": engine.base_model_id,
+        "object": "model",
+        "created": int(request.app.state.started_at),
+        "owned_by": "m2pt",
+    }
     store = getattr(engine, "store", None)
-    bundles = await run_in_threadpool(_bundle_models, store, engine.base_model_id) if store is not None else []
+    bundles = (
+        await run_in_threadpool(_bundle_models, store, engine.base_model_id) if store is not None else []
+    )
     return {"object": "list", "data": [base, *bundles]}
 
 
@@ -177,5 +219,7 @@ def _bundle_models(store, base_id: str) -> list[dict[str, Any]]:
                 created = int(store.resolve(model_id).path.stat().st_mtime)
             except (BundleNotFoundError, OSError):  # deleted while listing
                 continue
-            out.append({"id": model_id, "object": "model", "created": created, "owned_by": "m2pt", "parent": base_id})
+            out.append(
+                {"id": model_id, "object": "model", "created": created, "owned_by": "m2pt", "parent": base_id}
+            )
     return out

@@ -1,17 +1,20 @@
 """Ops API over the engine's bundle store: upload, list, inspect, delete. Every route needs the ops token.
 
 - `POST /v1/bundles`: multipart/form-data with files `manifest` (manifest.json) and `tensors`
-  (tensors.safetensors), optional fields `name` and `version`. The bundle is validated against the SERVED model
-  (fingerprint, shapes, dtype, finite values, hashes, size caps) by `BundleStore.publish_files` before it becomes
-  visible; a bad upload writes nothing. 201 `{"bundle": "name@version", "name", "version", "content_hash"}`.
-  New chat requests use the new version at once; in-flight ones keep the version they pinned.
+  (tensors.safetensors), optional fields `name` and `version`. The bundle is validated against the SERVED
+  model (fingerprint, shapes, dtype, finite values, hashes, size caps) by `BundleStore.publish_files` before
+  it becomes visible; a bad upload writes nothing. 201 `{"bundle": "name@version", "name", "version",
+  "content_hash"}`. New chat requests use the new version at once; in-flight ones keep the version they
+  pinned.
 - `GET /v1/bundles`: every name with its versions and latest version.
 - `GET /v1/bundles/{name}` (or `name@version`): versions, sizes, shapes, creation time, provenance, training
   metrics and this server's request/token counts per version.
-- `DELETE /v1/bundles/{name}`, `/v1/bundles/{name}@{version}` or `/v1/bundles/{name}/{version}`: new requests get
-  404 at once; requests that already pinned it finish.
-Names are validated by the store before any path is built; store errors carry their own status (400/404/409/413/422).
-Store I/O runs in worker threads. This module does not load bundles onto the device (the engine does, on use).
+- `DELETE /v1/bundles/{name}`, `/v1/bundles/{name}@{version}` or `/v1/bundles/{name}/{version}`: new requests
+  get 404 at once; requests that already pinned it finish.
+
+Names are validated by the store before any path is built; store errors carry their own status
+(400/404/409/413/422). Store I/O runs in worker threads. This module does not load bundles onto the device
+(the engine does, on use).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from server.api.errors import ApiError, PayloadTooLargeError
 
 router = APIRouter(dependencies=[Depends(require_ops_token)])
 
-_UPLOAD_HELP = "upload multipart/form-data with files 'manifest' (manifest.json) and 'tensors' (tensors.safetensors)"
+_UPLOAD_HELP = (
+    "upload multipart/form-data with files 'manifest' (manifest.json) and 'tensors' (tensors.safetensors)"
+)
 
 
 class UploadError(ApiError):
@@ -60,21 +65,35 @@ async def upload_bundle(request: Request) -> JSONResponse:
     from server.engine.wiring import bundle_limits_from_settings
 
     limits = getattr(engine, "bundle_limits", None) or bundle_limits_from_settings(settings)
-    ref = await run_in_threadpool(engine.store.publish_files, manifest, tensors, engine.spec, limits,
-                                  name=name, version=version)
+    ref = await run_in_threadpool(
+        engine.store.publish_files, manifest, tensors, engine.spec, limits, name=name, version=version
+    )
     body = {"bundle": ref.label, "name": ref.name, "version": ref.version, "content_hash": ref.content_hash}
     return JSONResponse(body, status_code=201)
+
+
+_CAP_HELP = {
+    "manifest": "re-export the bundle (manifests are small JSON files)",
+    "tensors": "use fewer prompt tokens or no projector, or raise the server's --max-bundle-bytes",
+}
 
 
 async def _read_part(part: Any, field: str, cap: int) -> bytes:
     if not isinstance(part, UploadFile):
         raise UploadError(f"file part '{field}' is missing; {_UPLOAD_HELP}")
     if part.size is not None and part.size > cap:
-        raise ApiError(f"'{field}' is {part.size} bytes, over the limit of {cap} bytes", status=413,
-                       error_type="payload_too_large")
+        raise ApiError(
+            f"'{field}' is {part.size} bytes, over the limit of {cap} bytes; {_CAP_HELP[field]}",
+            status=413,
+            error_type="payload_too_large",
+        )
     data = await part.read(cap + 1)
     if len(data) > cap:
-        raise ApiError(f"'{field}' is over the limit of {cap} bytes", status=413, error_type="payload_too_large")
+        raise ApiError(
+            f"'{field}' is over the limit of {cap} bytes; {_CAP_HELP[field]}",
+            status=413,
+            error_type="payload_too_large",
+        )
     if not data:
         raise UploadError(f"file part '{field}' is empty; {_UPLOAD_HELP}")
     return data
@@ -92,8 +111,17 @@ def _text_field(value: Any, field: str) -> str | None:
 async def list_bundles(request: Request) -> dict[str, Any]:
     store = get_engine(request).store
     infos = await run_in_threadpool(store.list)
-    return {"bundles": [{"name": i.name, "versions": list(i.versions), "latest": i.latest.label,
-                         "content_hash": i.latest.content_hash} for i in infos]}
+    return {
+        "bundles": [
+            {
+                "name": i.name,
+                "versions": list(i.versions),
+                "latest": i.latest.label,
+                "content_hash": i.latest.content_hash,
+            }
+            for i in infos
+        ]
+    }
 
 
 @router.get("/v1/bundles/{ref}")
@@ -127,7 +155,7 @@ async def _delete(request: Request, name: str, version: str | None) -> dict[str,
 
 
 def bundle_usage(metrics) -> dict[str, dict[str, Any]]:
-    """Per "name@version": finished requests by status and tokens generated, read from this server's metrics."""
+    """Per "name@version": finished requests by status and tokens generated, from this server's metrics."""
     usage: dict[str, dict[str, Any]] = {}
 
     def entry(label: str) -> dict[str, Any]:

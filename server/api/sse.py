@@ -1,5 +1,5 @@
-"""Server-sent events: the `data: <json>\\n\\n` framing, the `data: [DONE]` terminator, and a streaming response that
-always closes its engine stream.
+"""Server-sent events: the `data: <json>\\n\\n` framing, the `data: [DONE]` terminator, and a streaming
+response that always closes its engine stream.
 
 `EventStreamResponse` closes the `EngineStream` when the response ends for ANY reason (finished, client gone,
 cancelled before the first byte), so a streamed request can never keep its batch slot. It formats no payloads;
@@ -22,7 +22,9 @@ DONE = b"data: [DONE]\n\n"
 
 def sse_data(payload: Any) -> bytes:
     """One SSE event carrying `payload` as compact JSON."""
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return (
+        b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
+    )
 
 
 class EventStreamResponse(StreamingResponse):
