@@ -222,7 +222,9 @@ class BundleStore:
         """Under the name lock: allocate the version, finish the staged dir, rename it into place, rewrite
         the index."""
         name_dir = self._name_dir(name)
-        name_dir.mkdir(exist_ok=True)
+        if not name_dir.is_dir():
+            name_dir.mkdir()
+            fsync_dir(self.root)  # the new name's directory entry survives a power cut too
         index = read_index(name_dir, name)
         if version is None:
             version = f"v{index.next_auto}"
