@@ -229,3 +229,13 @@ def test_concurrent_process_publishers(tiny, tmp_path):
     store = BundleStore(tmp_path / "store")
     hashes = {load_bundle(s).content_hash for s in srcs}
     assert {store.load(label, tiny.spec).content_hash for label in labels} == hashes
+
+
+def test_publish_a_loaded_bundle(tiny, tmp_path, bundles):
+    store = BundleStore(tmp_path / "store")
+    loaded = load_bundle(bundles[0], tiny.spec)
+    ref = store.publish(loaded, name="reloaded", spec=tiny.spec)
+    assert ref.label == "reloaded@v1" and ref.content_hash == loaded.content_hash  # fp32 in, same bytes
+    again = store.load(ref, tiny.spec)
+    assert torch.equal(again.prompts.text, loaded.prompts.text)
+    assert again.manifest.provenance == loaded.manifest.provenance
