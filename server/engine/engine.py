@@ -236,7 +236,7 @@ class Engine:
                 continue
             self._observe_token(seq, now)
             seq.last_token = token
-            if token in seq.eos_ids:
+            if token in seq.eos_ids and not seq.params.ignore_eos:
                 self._finish(seq, "stop")
                 continue
             seq.tokens.append(token)

@@ -10,13 +10,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 means greedy; `seed` makes sampling reproducible per request."""
+    """How to pick tokens. temperature 0 means greedy; `seed` makes sampling reproducible per request;
+    `ignore_eos` keeps generating to `max_tokens` (fixed-length benchmarks and tests, as in vLLM)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass
