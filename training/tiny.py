@@ -51,6 +51,7 @@ class TinyLlavaConfig:
     llm_layers: int = 2
     llm_heads: int = 4
     llm_kv_heads: int = 2
+    llm_head_dim: int | None = None  # default llm_dim // llm_heads; set it to decouple width from attention cost
     llm_mlp: int = 128
     select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     max_positions: int = 512
@@ -111,7 +112,7 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
         hidden_size=cfg.llm_dim, intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
         num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads, vocab_size=vocab_size,
         max_position_embeddings=cfg.max_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
     )
     patches = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(
