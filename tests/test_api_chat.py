@@ -65,6 +65,7 @@ def test_answer_shape(client, engine):
             "top_p": 0.9,
             "seed": 3,
             "stop": ["."],
+            "ignore_eos": True,
         },
     )
     assert resp.status_code == 200
@@ -75,6 +76,7 @@ def test_answer_shape(client, engine):
     seen = engine.requests[-1]
     assert seen.bundle == "colors" and seen.sampling.max_tokens == 10 and seen.sampling.seed == 3
     assert seen.sampling.temperature == 0.5 and seen.sampling.top_p == 0.9 and seen.sampling.stop == (".",)
+    assert seen.sampling.ignore_eos is True
     assert seen.messages == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]}
     ]
@@ -87,6 +89,7 @@ def test_defaults_greedy_and_default_max_tokens(client, engine):
     client.post("/v1/chat", json={"instruction": "hi"})
     sampling = engine.requests[-1].sampling
     assert sampling.temperature == 0.0 and sampling.top_p == 1.0 and sampling.max_tokens == 64
+    assert sampling.ignore_eos is False
 
 
 def test_streaming_is_sse_ending_with_done_and_matches_non_streaming(client):
@@ -180,6 +183,31 @@ def test_nan_temperature_and_non_json_body(client):
     )
     resp = client.post("/v1/chat", content=b'{"instruction": ', headers={"content-type": "application/json"})
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
+    good(client)
+
+
+@pytest.mark.parametrize(
+    "body, content_type, fragment",
+    [
+        (b'{"instruction": "\\ud800 hi"}', "application/json", "instruction contains invalid Unicode"),
+        (b'{"instruction": "hi", "stop": ["\\udfff"]}', "application/json", "a stop string contains invalid"),
+        (b'{"instruction": "hi"}', None, "request body must be a JSON object sent with Content-Type"),
+        (b'{"instruction": "hi"}', "text/plain", "request body must be a JSON object sent with Content-Type"),
+        (b"[1, 2]", "application/json", "request body must be a JSON object"),
+        (b"", "application/json", "request body is missing"),
+        (
+            b'{"instruction": "hi", "stop": ' + b"[" * 30_000 + b"]" * 30_000 + b"}",
+            "application/json",
+            "error parsing the body",
+        ),
+        (b'{"instruction": "hi", "max_tokens": 1e309}', "application/json", "max_tokens: Input should be"),
+    ],
+)
+def test_malformed_bodies_are_400_never_500(client, body, content_type, fragment):
+    headers = {"content-type": content_type} if content_type else {}
+    resp = client.post("/v1/chat", content=body, headers=headers)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request" and fragment in resp.json()["error"]["message"]
     good(client)
 
 

@@ -178,6 +178,7 @@ def test_conversation_is_converted_to_hf_chat_format(client):
         {"role": "user", "content": [{"type": "text", "text": "and the shape?"}]},
     ]
     assert len(seen.images) == 1 and seen.sampling.max_tokens == 9  # max_completion_tokens wins
+    assert seen.sampling.ignore_eos is False
 
 
 @pytest.mark.parametrize(
@@ -229,6 +230,18 @@ def test_bad_openai_requests_are_400_and_the_next_works(client, body, fragment):
     assert resp.status_code == 400, resp.text
     assert fragment in resp.json()["error"]["message"]
     assert post(client, messages=[{"role": "user", "content": "ok"}]).status_code == 200
+
+
+def test_lone_surrogates_are_400(client):
+    raw = (
+        b'{"model": "fake-base", "messages": [{"role": "system", "content": "\\ud800"}, '
+        b'{"role": "user", "content": "hi"}]}'
+    )
+    resp = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert (
+        resp.status_code == 400
+        and "messages[0] text contains invalid Unicode" in resp.json()["error"]["message"]
+    )
 
 
 def test_streaming_sse_format(client):

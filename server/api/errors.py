@@ -87,7 +87,8 @@ def error_response(
     headers = dict(headers or {})
     if status in RETRY_STATUSES:
         headers.setdefault("Retry-After", "1")
-    return JSONResponse(error_body(error_type, message), status_code=status, headers=headers)
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")  # never fail on odd characters
+    return JSONResponse(error_body(error_type, safe), status_code=status, headers=headers)
 
 
 def describe_exception(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
@@ -115,7 +116,8 @@ def _is_bundle_error(exc: BaseException) -> bool:
 
 
 def _http_error_type(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "http_error")
+    types = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    return types.get(status, "http_error")
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -124,11 +126,16 @@ def validation_message(exc: RequestValidationError) -> str:
     for err in exc.errors()[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
-        msg = str(err.get("msg", "invalid value"))
-        if err.get("type") == "extra_forbidden":
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        kind = err.get("type")
+        if kind == "extra_forbidden":
             msg = "unknown field (not part of this API; remove it)"
-        elif err.get("type") == "json_invalid":
+        elif kind == "json_invalid":
             msg = "request body is not valid JSON"
+        elif not loc and kind == "missing":
+            msg = "request body is missing; send a JSON object with Content-Type: application/json"
+        elif not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+            msg = "request body must be a JSON object sent with Content-Type: application/json"
         parts.append(f"{where}: {msg}")
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

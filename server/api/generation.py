@@ -39,8 +39,17 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates from `\\ud800` JSON escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(f"{what} contains invalid Unicode (a lone surrogate); send valid UTF-8 text") from None
+
+
 def check_text(text: str, settings: Settings, what: str) -> None:
-    """Instructions and message texts: not blank, at most `max_instruction_chars`."""
+    """Instructions and message texts: valid Unicode, not blank, at most `max_instruction_chars`."""
+    check_unicode(text, what)
     if not text.strip():
         raise ApiError(f"{what} is empty; send the question or instruction as text")
     if len(text) > settings.max_instruction_chars:
@@ -57,6 +66,7 @@ def build_sampling(
     top_p: float | None,
     seed: int | None,
     stop: str | Sequence[str] | None,
+    ignore_eos: bool = False,
 ) -> SamplingParams:
     """Sampling parameters under the server's caps (`max_tokens_limit`, `max_stop_strings`)."""
     if max_tokens is None:
@@ -68,12 +78,15 @@ def build_sampling(
         raise ApiError(f"{len(stops)} stop strings, over the limit of {settings.max_stop_strings}")
     if any(not s or len(s) > 128 for s in stops):
         raise ApiError("stop strings must be 1 to 128 characters long")
+    for stop_string in stops:
+        check_unicode(stop_string, "a stop string")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0 if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p),
         seed=seed,
         stop=stops,
+        ignore_eos=bool(ignore_eos),
     )
 
 

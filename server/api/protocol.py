@@ -43,6 +43,7 @@ class ChatRequest(BaseModel):
     seed: Seed | None = None
     stop: StopStrings | None = None
     stream: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, tests), as vLLM's extension
 
 
 class Usage(BaseModel):
@@ -149,6 +150,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens
     # informational, accepted and ignored
     user: str | None = Field(None, max_length=256)
     safety_identifier: str | None = Field(None, max_length=256)

@@ -42,7 +42,9 @@ async def chat(body: ChatRequest, request: Request) -> ChatResponse | EventStrea
     settings = get_settings(request)
     engine = get_engine(request)
     check_text(body.instruction, settings, "instruction")
-    sampling = build_sampling(settings, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop)
+    sampling = build_sampling(
+        settings, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.ignore_eos
+    )
     images = await decode_images([body.image] if body.image is not None else [], settings)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": body.instruction}]
     request_id = new_request_id("chat")

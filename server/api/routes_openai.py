@@ -30,6 +30,7 @@ from server.api.generation import (
     EngineStream,
     build_sampling,
     check_text,
+    check_unicode,
     decode_images,
     make_request,
     new_request_id,
@@ -63,6 +64,7 @@ def convert_messages(
                 parts.append({"type": "image"})
                 continue
             text = part if isinstance(part, str) else part.text
+            check_unicode(text, f"messages[{index}] text")
             if len(text) > settings.max_instruction_chars:
                 raise ApiError(
                     f"messages[{index}] text is {len(text)} characters, over the limit of "
@@ -83,7 +85,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     bundle = None if body.model == engine.base_model_id else body.model
     messages, image_refs = convert_messages(body.messages, settings)
     sampling = build_sampling(
-        settings, body.requested_max_tokens, body.temperature, body.top_p, body.seed, body.stop
+        settings,
+        body.requested_max_tokens,
+        body.temperature,
+        body.top_p,
+        body.seed,
+        body.stop,
+        body.ignore_eos,
     )
     images = await decode_images(image_refs, settings)
     request_id = new_request_id("chatcmpl")
