@@ -233,6 +233,17 @@ def test_malformed_multipart_is_400(client, store, kwargs, fragment):
     assert store_snapshot(store) == before
 
 
+def test_upload_body_over_the_cap_is_413_before_parsing(client, store, tiny):
+    manifest, _ = bundle_files(tiny.spec)
+    before = store_snapshot(store)
+    resp = upload(
+        client, manifest, b"\0" * (16 * 1024 + 200 * 1024)
+    )  # over max_bundle_bytes + manifest + framing
+    assert resp.status_code == 413 and resp.json()["error"]["type"] == "payload_too_large"
+    assert "request body is larger than the limit of" in resp.json()["error"]["message"]
+    assert store_snapshot(store) == before
+
+
 def test_uploads_without_the_token_write_nothing(client, store, tiny):
     before = store_snapshot(store)
     for headers in ({}, {"Authorization": "Bearer wrong-token-1"}):
