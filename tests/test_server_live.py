@@ -138,17 +138,28 @@ def test_metrics_reflect_the_traffic(live):
 
 
 # ---------------------------------------------------------------- a server with one slot and a queue of one
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory):
+    """The tiny architecture with a 64k context: one request outlasts the test's other steps on any machine (the
+    test hangs up long before it would end)."""
+    from training.tiny import TinyLlavaConfig, build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_long"), TinyLlavaConfig(max_positions=65536))
+
+
 @pytest.fixture()
-def tight(tiny_model_dir, store_dir):
+def tight(long_context_model_dir, tmp_path):
     from server.app import create_app
 
-    settings = make_settings(tiny_model_dir, store_dir, max_batch_size=1, max_queue=1)
+    settings = make_settings(long_context_model_dir, tmp_path / "store", max_batch_size=1, max_queue=1)
+    settings = settings.model_copy(update={"max_tokens_limit": 64000})
     with LiveServer(create_app(settings)) as server:
         assert wait_until(lambda: httpx.get(server.url + "/ready").status_code == 200, timeout=60)
         yield server
 
 
 LONG = {"instruction": "what is this digit ?", "max_tokens": 400, "ignore_eos": True, "stream": True}
+VERY_LONG = {**LONG, "max_tokens": 60000}
 
 
 def finished(url, reason):
@@ -158,7 +169,7 @@ def finished(url, reason):
 
 
 def test_client_disconnect_frees_its_slot(tight):
-    with httpx.stream("POST", tight.url + "/v1/chat", json=LONG, timeout=60) as resp:
+    with httpx.stream("POST", tight.url + "/v1/chat", json=VERY_LONG, timeout=60) as resp:
         assert resp.status_code == 200
         next(resp.iter_lines())  # one chunk, then hang up
     assert wait_until(lambda: finished(tight.url, "abort") == 1, timeout=20)
@@ -168,19 +179,19 @@ def test_client_disconnect_frees_its_slot(tight):
 
 
 def test_full_queue_answers_429_with_retry_after(tight):
-    client = httpx.Client(timeout=60)
-    first = client.stream("POST", tight.url + "/v1/chat", json=LONG).__enter__()  # occupies the one slot
-    next(first.iter_lines())
-    with futures.ThreadPoolExecutor(1) as pool:
-        queued = pool.submit(lambda: chat(tight.url, None, 1, max_tokens=3))  # waits in the one queue place
-        assert wait_until(lambda: "m2pt_queue_depth 1.0" in httpx.get(tight.url + "/metrics").text, timeout=20)
-        rejected = chat(tight.url, None, 2)
-        assert rejected.status_code in (429, 503)
-        assert rejected.headers["retry-after"].isdigit()
-        assert "retry" in rejected.json()["error"]["message"].lower()
-        first.close()
-        assert queued.result().status_code == 200
-    client.close()
+    with httpx.Client(timeout=60) as client, client.stream("POST", tight.url + "/v1/chat", json=VERY_LONG) as first:
+        lines = first.iter_lines()  # keep the iterator: a dropped one closes the connection
+        next(lines)  # the request runs: it occupies the one slot
+        with futures.ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(lambda: chat(tight.url, None, 1, max_tokens=3))  # waits in the one queue place
+            assert wait_until(lambda: "m2pt_queue_depth 1.0" in httpx.get(tight.url + "/metrics").text, timeout=20)
+            rejected = chat(tight.url, None, 2)
+            assert rejected.status_code in (429, 503)
+            assert rejected.headers["retry-after"].isdigit()
+            assert "retry" in rejected.json()["error"]["message"].lower()
+            lines.close()
+            first.close()
+            assert queued.result().status_code == 200
 
 
 # ---------------------------------------------------------------- hot swap and delete through the ops API
