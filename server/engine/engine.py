@@ -12,6 +12,7 @@ tokenisation: those happen before a request is queued. Closing `generate`'s iter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -74,9 +75,10 @@ class Engine:
 
     def __init__(self, frozen, store, config: EngineConfig, metrics=None, bundle_limits=None, model_id: str | None = None):
         self.frozen, self.store, self.config, self.metrics = frozen, store, config, metrics
-        self.spec = frozen.spec
-        self.bundle_limits = bundle_limits
         self._model_id = model_id or frozen.spec.model_id
+        # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
+        self.spec = dataclasses.replace(frozen.spec, model_id=self._model_id)
+        self.bundle_limits = bundle_limits
         self.runner = ModelRunner(frozen, config.image_cache_size, metrics)
         self.scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_bundles_per_batch, config.max_prefill_rows)
         self.residency = BundleResidency(self._load_prefix, config.max_resident_bundles, metrics)
