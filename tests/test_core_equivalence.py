@@ -210,3 +210,23 @@ def test_gradients_reach_prompts_and_projector_only(tiny):
     assert all(not torch.equal(a, b) for a, b in zip(snapshot, params))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bfloat16_mixed_batch_tracks_float32(tiny, tiny_model_dir):
+    """The reduced-precision path (what CUDA serves by default) runs the same code; on CPU it must track fp32."""
+    from m2pt.loading import load_frozen_llava
+
+    half = load_frozen_llava(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    prompts = make_prompts(tiny, 3, 2, True, seed=1)
+    rows = [make_row_tokens(tiny, ["what", "is"], seed=s) for s in range(3)]
+    out = {}
+    for frozen in (tiny, half):
+        with torch.inference_mode():
+            prefix = compute_prefix(frozen.model, prompts)
+            prefixes = [prefix, None, prefix]
+            feats = encode_images(frozen.model, torch.stack([px for _, px in rows]), prefixes)
+            logits, _ = prefill(frozen.model, [RowInput(ids, feats[i], prefixes[i]) for i, (ids, _) in enumerate(rows)])
+        out[frozen.dtype] = logits.float()
+    assert out[torch.bfloat16].dtype == torch.float32 and half.model.dtype == torch.bfloat16
+    assert (out[torch.bfloat16] - out[torch.float32]).abs().max() < 0.02
+    assert torch.equal(out[torch.bfloat16].argmax(-1), out[torch.float32].argmax(-1))
