@@ -8,23 +8,13 @@ import torch
 
 from m2pt.forward import DecodeState, RowInput, decode_step, encode_images, prefill, select_image_features
 from m2pt.prefix import compute_prefix
-from m2pt.prompts import PromptTensors, init_prompts
+from m2pt.prompts import PromptTensors
+from prompt_helpers import strong_prompts
 
 ATOL = 1e-5
 
 
-def make_prompts(tiny, text_len, visual_len, projector, seed):
-    base = tiny.model.model.multi_modal_projector.state_dict() if projector else None
-    prompts = init_prompts(tiny.spec, text_len, visual_len, base, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    # Scale up so the prompts change the output visibly (xavier bounds are tiny for a 32-wide model).
-    if prompts.text is not None:
-        prompts.text = prompts.text * 40
-    if prompts.visual is not None:
-        prompts.visual = prompts.visual * 40
-    if prompts.projector is not None:
-        prompts.projector = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()}
-    return prompts
+make_prompts = strong_prompts
 
 
 def make_row_tokens(tiny, words, seed):

@@ -9,30 +9,15 @@ import json
 
 import httpx
 import pytest
-import torch
 from pydantic import SecretStr
 
 from api_fakes import LiveServer, png_data_uri, wait_until
-from m2pt.prompts import init_prompts
+from prompt_helpers import strong_prompts
 from prompts_store.format import save_bundle
 from prompts_store.store import BundleStore
 
 OPS = "ops-token-for-tests"
 VARIANTS = {"alpha": (3, 2, True), "beta": (4, 0, False), "gamma": (0, 3, False), "delta": (2, 2, True), "eps": (5, 1, True)}
-
-
-def strong_prompts(tiny, text_len, visual_len, projector, seed):
-    """Prompts scaled up so that every bundle visibly changes the tiny model's greedy output."""
-    base = tiny.model.model.multi_modal_projector.state_dict() if projector else None
-    prompts = init_prompts(tiny.spec, text_len, visual_len, base, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    if prompts.text is not None:
-        prompts.text = prompts.text * 40
-    if prompts.visual is not None:
-        prompts.visual = prompts.visual * 40
-    if prompts.projector is not None:
-        prompts.projector = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()}
-    return prompts
 
 
 def publish(store: BundleStore, tiny, tmp_path, name: str, variant, seed: int) -> str:
