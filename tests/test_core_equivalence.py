@@ -14,9 +14,6 @@ from prompt_helpers import strong_prompts
 ATOL = 1e-5
 
 
-make_prompts = strong_prompts
-
-
 def make_row_tokens(tiny, words, seed):
     """Token ids `<s> user : <image>*N words assistant :` and a random image."""
     tok = tiny.processor.tokenizer
@@ -87,7 +84,7 @@ VARIANTS = [(3, 2, True), (4, 0, False), (0, 3, False), (0, 0, True), (5, 1, Tru
 
 @pytest.mark.parametrize("text_len,visual_len,projector", VARIANTS)
 def test_prefix_kv_equals_official_overwrite(tiny, text_len, visual_len, projector):
-    prompts = make_prompts(tiny, text_len, visual_len, projector, seed=text_len * 10 + visual_len)
+    prompts = strong_prompts(tiny, text_len, visual_len, projector, seed=text_len * 10 + visual_len)
     ids, pixels = make_row_tokens(tiny, ["what", "is", "this", "digit", "?"], seed=1)
     with torch.no_grad():
         ref = reference_logits(tiny, ids, pixels, prompts)
@@ -117,7 +114,7 @@ def greedy_alone(tiny, ids, pixels, prefix, steps):
 
 def test_mixed_batch_equals_each_row_alone(tiny):
     """Five different bundles (different Lt, Lv, projector or not) + a no-bundle row, different lengths, one batch."""
-    bundles = [compute_prefix(tiny.model, make_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS)]
+    bundles = [compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS)]
     prefixes = [*bundles, None]
     sentences = [["what"], ["what", "is", "this"], ["digit", "?"], ["is", "this", "digit", "?", "what"], ["this"], ["what", "is"]]
     rows = [make_row_tokens(tiny, words, seed=10 + i) for i, words in enumerate(sentences)]
@@ -142,7 +139,7 @@ def test_mixed_batch_equals_each_row_alone(tiny):
 
 def test_rows_join_and_leave_between_decode_steps(tiny):
     """Continuous batching on DecodeState: merge a newly prefilled batch in, drop a finished row, results unchanged."""
-    prefixes = [compute_prefix(tiny.model, make_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS[:3])]
+    prefixes = [compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS[:3])]
     rows = [make_row_tokens(tiny, w, seed=20 + i) for i, w in enumerate([["what"], ["is", "this", "digit"], ["digit"]])]
     with torch.no_grad():
         alone = [greedy_alone(tiny, ids, px, pre, 6)[1] for (ids, px), pre in zip(rows, prefixes)]
@@ -181,7 +178,7 @@ def test_rows_join_and_leave_between_decode_steps(tiny):
 def test_gradients_reach_prompts_and_projector_only(tiny):
     model = tiny.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prompts = make_prompts(tiny, 3, 2, True, seed=7)
+    prompts = strong_prompts(tiny, 3, 2, True, seed=7)
     params = prompts.parameters()
     for p in params:
         p.requires_grad_(True)
@@ -207,7 +204,7 @@ def test_bfloat16_mixed_batch_tracks_float32(tiny, tiny_model_dir):
     from m2pt.loading import load_frozen_llava
 
     half = load_frozen_llava(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    prompts = make_prompts(tiny, 3, 2, True, seed=1)
+    prompts = strong_prompts(tiny, 3, 2, True, seed=1)
     rows = [make_row_tokens(tiny, ["what", "is"], seed=s) for s in range(3)]
     out = {}
     for frozen in (tiny, half):
