@@ -36,7 +36,9 @@ def encoder(processor):
 def test_fast_prompt_ids_equal_the_processor_chat_template_ids(processor, encoder):
     examples = make_examples(list(TASKS) + list(HELD_OUT_TASKS), 8, seed=11)
     for ex in examples:
-        assert encoder.prompt_ids(ex.question) == processor_prompt_ids(processor, ex.question, ex.image), ex.question
+        assert encoder.prompt_ids(ex.question) == processor_prompt_ids(processor, ex.question, ex.image), (
+            ex.question
+        )
     ids = encoder.prompt_ids("What color is the shape?")
     assert ids.count(IMAGE_ID) == 10 and UNK_ID not in ids
 
@@ -69,7 +71,9 @@ def test_collate_labels_only_the_answer_and_pads_on_the_right(processor, encoder
         n = len(prompt) + len(answer)
         assert batch.input_ids[row, :n].tolist() == prompt + answer
         assert batch.labels[row, len(prompt) : n].tolist() == answer
-        assert (batch.labels[row, : len(prompt)] == IGNORE_INDEX).all() and (batch.labels[row, n:] == IGNORE_INDEX).all()
+        assert (batch.labels[row, : len(prompt)] == IGNORE_INDEX).all() and (
+            batch.labels[row, n:] == IGNORE_INDEX
+        ).all()
         assert (batch.input_ids[row, n:] == PAD_ID).all() and batch.attention_mask[row].sum() == n
 
 

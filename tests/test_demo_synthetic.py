@@ -1,4 +1,4 @@
-"""The synthetic generator: deterministic per seed, every task covered, vocabulary closed, reserved words unused."""
+"""The synthetic generator: deterministic per seed, every task covered, closed vocabulary, reserved words."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def test_same_seed_same_examples_and_other_seed_differs():
     other = make_examples(ALL_TASKS, 3, seed=8)
     assert _fingerprint(first) == _fingerprint(again)
     assert _fingerprint(first) != _fingerprint(other)
-    assert sample("color", random.Random(3)).image.tobytes() == sample("color", random.Random(3)).image.tobytes()
+    assert (
+        sample("color", random.Random(3)).image.tobytes() == sample("color", random.Random(3)).image.tobytes()
+    )
 
 
 def test_make_examples_is_n_per_task_interleaved_and_independent_of_other_tasks():
@@ -96,13 +98,20 @@ def test_reserved_words_never_appear_in_pretraining_but_are_in_the_vocabulary():
         assert not reserved & set(words_of(e.question) + words_of(e.answer)), e.question
     assert {"big", "small", "upper", "lower"} <= reserved, "held-out answers that the base never speaks"
     held_out_questions = {e.question for e in make_examples(list(HELD_OUT_TASKS), 20, seed=5)}
-    assert all(reserved & set(words_of(q)) for q in held_out_questions), "held-out questions need a reserved word"
+    assert all(reserved & set(words_of(q)) for q in held_out_questions), (
+        "held-out questions need a reserved word"
+    )
 
 
 def test_the_readme_questions_tokenise_to_known_words():
     vocab = set(vocabulary())
-    for question in ["What color is the shape?", "What shape is this?", "Where is the shape?",
-                     "How many shapes are there?", "What's the colour of the shape?"]:
+    for question in [
+        "What color is the shape?",
+        "What shape is this?",
+        "Where is the shape?",
+        "How many shapes are there?",
+        "What's the colour of the shape?",
+    ]:
         assert set(words_of(question)) <= vocab, question
 
 

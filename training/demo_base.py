@@ -1,17 +1,20 @@
-"""Pretrain the shipped demo base model (demo/base) from scratch on synthetic image-instruction data, and evaluate it.
+"""Pretrain the shipped demo base model (demo/base) from scratch on synthetic data, and evaluate it.
 
 Contract:
-- `m2pt demo train --out DIR [--steps N] [--seconds S] [--seed S]` builds a tiny LLaVA (`training.tiny`) with the
-  demo vocabulary (`training.synthetic.vocabulary()`), fully fine-tunes it on the mixed pretraining tasks with the
-  recipe in `DemoRecipe` (loss on answer tokens only), then writes a loadable checkpoint, `metrics.json` (held-out
-  greedy exact match per task, training seconds, steps, seed, command, validation curve) and optionally a curve PNG.
-  The directory appears only when complete (written beside it, then renamed); an existing one needs `--force`.
+- `m2pt demo train --out DIR [--steps N] [--seconds S] [--seed S]` builds a tiny LLaVA (`training.tiny`) with
+  the demo vocabulary (`training.synthetic.vocabulary()`), fully fine-tunes it on the mixed pretraining tasks
+  with the recipe in `DemoRecipe` (loss on answer tokens only), then writes a loadable checkpoint,
+  `metrics.json` (held-out greedy exact match per task, training seconds, steps, seed, command, validation
+  curve) and optionally a curve PNG. The directory appears only when complete (written beside it, then
+  renamed); an existing one needs `--force`.
 - `m2pt demo eval [--model DIR] [--n N]` prints per-task and overall held-out greedy exact match (through
   `m2pt.forward`, prompts built by the model's own processor) and writes the numbers as JSON.
 - `m2pt demo ask IMAGE QUESTION` prints the model's answer; `m2pt demo examples` draws the README images
   (demo/examples) and records the model's answers to their natural questions in answers.json.
-- The schedule is defined in steps, so a run is reproducible for a given seed; `--seconds` only caps wall time.
-This module does NOT prompt-tune (training/ trainer does) or serve; torch/transformers load inside the commands.
+- The schedule is defined in steps, so a run is reproducible for a given seed; `--seconds` only caps wall
+  time.
+This module does NOT prompt-tune (training/ trainer does) or serve; torch/transformers load inside the
+commands.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ DEMO_EXAMPLES_DIR = REPO_ROOT / "demo" / "examples"
 
 
 class DemoError(RuntimeError):
-    """A demo command cannot run as asked (missing model, existing output, bad option); the message says the fix."""
+    """A demo command cannot run as asked (missing model, existing output, bad option); the message says the
+    fix."""
 
 
 @dataclass
@@ -59,13 +63,26 @@ class DemoRecipe:
 
 
 def demo_model_config(seed: int = 0):  # -> TinyLlavaConfig
-    """24×24 images in 8 px patches (one patch per grid cell), CLS kept: 10 image tokens; ~3.9 M parameters."""
+    """24×24 images in 8 px patches (one patch per grid cell), CLS kept: 10 image tokens; ~3.9 M
+    parameters."""
     from training.synthetic import vocabulary
     from training.tiny import TinyLlavaConfig
 
     return TinyLlavaConfig(
-        words=vocabulary(), image_size=24, patch_size=8, vit_dim=128, vit_layers=3, vit_heads=4, vit_mlp=512,
-        llm_dim=256, llm_layers=3, llm_heads=4, llm_kv_heads=4, llm_mlp=1024, select_strategy="full", seed=seed,
+        words=vocabulary(),
+        image_size=24,
+        patch_size=8,
+        vit_dim=128,
+        vit_layers=3,
+        vit_heads=4,
+        vit_mlp=512,
+        llm_dim=256,
+        llm_layers=3,
+        llm_heads=4,
+        llm_kv_heads=4,
+        llm_mlp=1024,
+        select_strategy="full",
+        seed=seed,
     )
 
 
@@ -95,8 +112,11 @@ def _validate(model, batches: list, tasks_per_row: list[str]) -> dict[str, float
     model.eval()
     with torch.inference_mode():
         for batch in batches:
-            logits = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                           attention_mask=batch.attention_mask).logits  # [B, T, V]
+            logits = model(
+                input_ids=batch.input_ids,
+                pixel_values=batch.pixel_values,
+                attention_mask=batch.attention_mask,
+            ).logits  # [B, T, V]
             hits += sequence_loss_and_hits(logits, batch.labels)[1].tolist()
     model.train()
     out = {t: 0.0 for t in dict.fromkeys(tasks_per_row)}
@@ -113,8 +133,9 @@ def _train_step(model, optimizer, scheduler, batch, grad_clip: float) -> float:
 
     from training.demo_data import sequence_loss_and_hits
 
-    logits = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                   attention_mask=batch.attention_mask).logits  # [B, T, V]
+    logits = model(
+        input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask
+    ).logits  # [B, T, V]
     loss = sequence_loss_and_hits(logits, batch.labels)[0]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -135,8 +156,9 @@ def _build(recipe: DemoRecipe, seed: int):
     processor = build_processor(cfg, build_tokenizer(vocab))
     model = build_model(cfg, len(vocab)).train()
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, recipe.beta2),
-                                  weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=(0.9, recipe.beta2), weight_decay=recipe.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
     return cfg, processor, model, optimizer, scheduler
 
@@ -154,32 +176,58 @@ def run_training(recipe: DemoRecipe, seed: int, seconds: float | None = None):
     fillers = filler_token_ids(processor.tokenizer)
     tasks = list(TASKS)
     val_examples = make_examples(tasks, recipe.val_per_task, VALIDATION_SEED)
-    val_batches = [collate(val_examples[i : i + 128], encoder, processor.image_processor)
-                   for i in range(0, len(val_examples), 128)]
+    val_batches = [
+        collate(val_examples[i : i + 128], encoder, processor.image_processor)
+        for i in range(0, len(val_examples), 128)
+    ]
     rng = random.Random(f"m2pt-demo-train:{seed}")
     curve: list[dict] = []
     train_seconds, losses, step = 0.0, [], 0
     bar = tqdm(range(recipe.steps), desc="demo pretrain", unit="step", mininterval=2.0)
     for step in bar:
         start = time.perf_counter()
-        batch = collate(_training_examples(rng, tasks, recipe), encoder, processor.image_processor,
-                        rng=rng, unk_prob=recipe.unk_prob, filler_ids=fillers)
+        batch = collate(
+            _training_examples(rng, tasks, recipe),
+            encoder,
+            processor.image_processor,
+            rng=rng,
+            unk_prob=recipe.unk_prob,
+            filler_ids=fillers,
+        )
         losses.append(_train_step(model, optimizer, scheduler, batch, recipe.grad_clip))
         train_seconds += time.perf_counter() - start
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{(step + 1) * recipe.batch_size / train_seconds:.0f}")
+        bar.set_postfix(
+            loss=f"{losses[-1]:.3f}", samples_s=f"{(step + 1) * recipe.batch_size / train_seconds:.0f}"
+        )
         last = step == recipe.steps - 1 or (seconds is not None and train_seconds >= seconds)
         if (step + 1) % recipe.eval_every == 0 or last:
             val = _validate(model, val_batches, [e.task for e in val_examples])
             window = losses[-recipe.eval_every :]
-            curve.append({"step": step + 1, "seconds": round(train_seconds, 1),
-                          "loss": round(sum(window) / len(window), 4), "val": {k: round(v, 4) for k, v in val.items()}})
-            log.info("step %d  %.0f s  loss %.4f  val %.3f", step + 1, train_seconds, curve[-1]["loss"], val["overall"])
+            curve.append(
+                {
+                    "step": step + 1,
+                    "seconds": round(train_seconds, 1),
+                    "loss": round(sum(window) / len(window), 4),
+                    "val": {k: round(v, 4) for k, v in val.items()},
+                }
+            )
+            log.info(
+                "step %d  %.0f s  loss %.4f  val %.3f",
+                step + 1,
+                train_seconds,
+                curve[-1]["loss"],
+                val["overall"],
+            )
         if last:
             break
     bar.close()
     samples = (step + 1) * recipe.batch_size
-    stats = {"steps": step + 1, "train_seconds": round(train_seconds, 1), "samples": samples,
-             "samples_per_second": round(samples / train_seconds, 1)}
+    stats = {
+        "steps": step + 1,
+        "train_seconds": round(train_seconds, 1),
+        "samples": samples,
+        "samples_per_second": round(samples / train_seconds, 1),
+    }
     return model.eval(), cfg, curve, stats
 
 
@@ -193,13 +241,19 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     seconds = [c["seconds"] for c in curve]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(seconds, [c["loss"] for c in curve], color="black")
-    ax_loss.set(xlabel="training seconds (CPU)", ylabel="answer-token loss", yscale="log", title="training loss")
+    ax_loss.set(
+        xlabel="training seconds (CPU)", ylabel="answer-token loss", yscale="log", title="training loss"
+    )
     for task in curve[-1]["val"]:
         values = [100 * c["val"][task] for c in curve]
         style = {"color": "black", "linewidth": 2.5} if task == "overall" else {"linewidth": 1}
         ax_acc.plot(seconds, values, label=task, **style)
-    ax_acc.set(xlabel="training seconds (CPU)", ylabel="exact match (%)", ylim=(0, 101),
-               title="validation exact match (teacher-forced = greedy)")
+    ax_acc.set(
+        xlabel="training seconds (CPU)",
+        ylabel="exact match (%)",
+        ylim=(0, 101),
+        title="validation exact match (teacher-forced = greedy)",
+    )
     ax_acc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,8 +281,13 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _command_line(args: argparse.Namespace) -> str:
-    parts = ["m2pt demo train", f"--out {args.out}", f"--steps {args.steps}", f"--seed {args.seed}",
-             f"--threads {args.threads}"]
+    parts = [
+        "m2pt demo train",
+        f"--out {args.out}",
+        f"--steps {args.steps}",
+        f"--seed {args.seed}",
+        f"--threads {args.threads}",
+    ]
     if args.seconds is not None:
         parts.append(f"--seconds {args.seconds:g}")
     return " ".join(parts)
@@ -256,11 +315,18 @@ def train_command(args: argparse.Namespace) -> int:
         held_out = evaluate(frozen, list(TASKS), recipe.held_out_per_task)
         reserved = evaluate(frozen, list(HELD_OUT_TASKS), min(50, recipe.held_out_per_task))
         metrics = {
-            "held_out": held_out.to_json(), "reserved_tasks_untrained": reserved.to_json(max_misses=5),
-            **stats, "seed": args.seed, "command": _command_line(args),
-            "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(cfg.vocabulary()),
-            "threads": args.threads, "torch": torch.__version__, "transformers": transformers.__version__,
-            "recipe": asdict(recipe), "curve": curve,
+            "held_out": held_out.to_json(),
+            "reserved_tasks_untrained": reserved.to_json(max_misses=5),
+            **stats,
+            "seed": args.seed,
+            "command": _command_line(args),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(cfg.vocabulary()),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "recipe": asdict(recipe),
+            "curve": curve,
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         _publish(tmp, out)
@@ -268,8 +334,10 @@ def train_command(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     if args.curve_png:
         plot_curve(curve, Path(args.curve_png))
-    sys.stdout.write(f"wrote {out}: held-out exact match {held_out.overall * 100:.1f} % "
-                     f"after {stats['steps']} steps / {stats['train_seconds']:.0f} s\n")
+    sys.stdout.write(
+        f"wrote {out}: held-out exact match {held_out.overall * 100:.1f} % "
+        f"after {stats['steps']} steps / {stats['train_seconds']:.0f} s\n"
+    )
     return 0
 
 
@@ -280,7 +348,9 @@ def _load(args: argparse.Namespace):  # -> FrozenLlava
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        raise DemoError(f"no model at {model_dir} (config.json missing); train one with `m2pt demo train --out DIR`")
+        raise DemoError(
+            f"no model at {model_dir} (config.json missing); train one with `m2pt demo train --out DIR`"
+        )
     if args.threads < 1:
         raise DemoError("--threads must be at least 1")
     torch.set_num_threads(args.threads)
@@ -302,7 +372,9 @@ def eval_command(args: argparse.Namespace) -> int:
     result = evaluate(frozen, tasks, args.n, seed=HELD_OUT_SEED)
     sys.stdout.write(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": str(model_dir), **result.to_json()}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"model": _display_path(model_dir), **result.to_json()}, indent=1) + "\n"
+        )
     return 0
 
 
@@ -322,7 +394,10 @@ def examples_command(args: argparse.Namespace) -> int:
 
     paths = write_examples(args.out)
     records = record_answers(_load(args), args.out)
-    (Path(args.out) / "answers.json").write_text(json.dumps({"model": str(args.model), "answers": records}, indent=1) + "\n")
+    model = _display_path(Path(args.model))
+    (Path(args.out) / "answers.json").write_text(
+        json.dumps({"model": model, "answers": records}, indent=1) + "\n"
+    )
     for r in records:
         mark = "ok " if r["answer"] == r["expected"] else "BAD"
         sys.stdout.write(f"{mark} {r['image']:<26} {r['question']:<30} -> {r['answer']}\n")
@@ -330,8 +405,19 @@ def examples_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _display_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (so recorded files do not name this
+    machine)."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(DEMO_BASE_DIR), help="model directory (default: the shipped demo/base)")
+    parser.add_argument(
+        "--model", default=str(DEMO_BASE_DIR), help="model directory (default: the shipped demo/base)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -360,7 +446,9 @@ def add_demo_commands(subparsers) -> None:
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     train.add_argument("--curve-png", default=None, help="also write the training curve here")
     train.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    train.add_argument("--eval-n", type=int, default=DemoRecipe.held_out_per_task, help="held-out examples per task")
+    train.add_argument(
+        "--eval-n", type=int, default=DemoRecipe.held_out_per_task, help="held-out examples per task"
+    )
     train.set_defaults(func=_guarded(train_command))
     ev = sub.add_parser("eval", help="held-out greedy exact match of a demo model")
     ev.add_argument("--n", type=int, default=100, help="held-out examples per task")
@@ -373,7 +461,11 @@ def add_demo_commands(subparsers) -> None:
     ask.add_argument("question", help='e.g. "What color is the shape?"')
     _model_options(ask)
     ask.set_defaults(func=_guarded(ask_command))
-    examples = sub.add_parser("examples", help="draw the README example images and record the model's answers")
-    examples.add_argument("--out", default=str(DEMO_EXAMPLES_DIR), help="directory for the PNGs and answers.json")
+    examples = sub.add_parser(
+        "examples", help="draw the README example images and record the model's answers"
+    )
+    examples.add_argument(
+        "--out", default=str(DEMO_EXAMPLES_DIR), help="directory for the PNGs and answers.json"
+    )
     _model_options(examples)
     examples.set_defaults(func=_guarded(examples_command))

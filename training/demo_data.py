@@ -2,12 +2,12 @@
 
 Contract:
 - `PromptEncoder.prompt_ids(question)` is the fast path for the ids that `processor.apply_chat_template` +
-  `processor(text=..., images=...)` produce for one image and one question (tests pin them equal); `answer_ids` are
-  the answer words followed by `</s>`, as the chat template writes an assistant turn.
-- `collate` builds a right-padded training batch whose labels cover the answer tokens only (-100 elsewhere); the
-  images go through the model's own `processor.image_processor`, the one the server uses.
-- `augment_unknown` optionally swaps filler words for `<unk>` or inserts one, so the model learns that unknown words
-  carry no meaning (the tokenizer maps every out-of-vocabulary word to `<unk>`).
+  `processor(text=..., images=...)` produce for one image and one question (tests pin them equal);
+  `answer_ids` are the answer words followed by `</s>`, as the chat template writes an assistant turn.
+- `collate` builds a right-padded training batch whose labels cover the answer tokens only (-100 elsewhere);
+  the images go through the model's own `processor.image_processor`, the one the server uses.
+- `augment_unknown` optionally swaps filler words for `<unk>` or inserts one, so the model learns that unknown
+  words carry no meaning (the tokenizer maps every out-of-vocabulary word to `<unk>`).
 This module does NOT draw images (training/synthetic.py does) or run the model.
 """
 
@@ -38,7 +38,8 @@ def processor_prompt_ids(processor, question: str, image) -> list[int]:
 
 
 class PromptEncoder:
-    """Fast, cached token ids for the demo chat format: `<s> user : <image>×N question assistant : answer </s>`."""
+    """Fast, cached token ids for the demo chat format: `<s> user : <image>×N question assistant : answer
+    </s>`."""
 
     def __init__(self, tokenizer, num_image_tokens: int) -> None:
         self._tokenizer = tokenizer
@@ -122,8 +123,9 @@ def collate(
 def sequence_loss_and_hits(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy over answer tokens, and per-row exact match under teacher forcing.
 
-    logits [B, T, V] predict the token after each position; labels [B, T]. A row is a hit when the argmax at every
-    answer position (answer words and `</s>`) is right, which is exactly when greedy decoding returns the answer.
+    logits [B, T, V] predict the token after each position; labels [B, T]. A row is a hit when the argmax at
+    every answer position (answer words and `</s>`) is right, which is exactly when greedy decoding returns
+    the answer.
     """
     pred_logits = logits[:, :-1]  # [B, T-1, V]
     target = labels[:, 1:]  # [B, T-1]

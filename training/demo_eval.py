@@ -1,11 +1,11 @@
 """Greedy exact-match evaluation of a LLaVA checkpoint on the synthetic tasks, through the serving code path.
 
 Contract:
-- `answer(frozen, images, questions)` builds every prompt with the processor's chat template and the processor itself
-  (exactly as a server does), runs `m2pt.forward.encode_images` + `prefill` + `decode_step` greedily, and returns the
-  decoded answers (special tokens dropped, words joined by spaces).
-- `evaluate(frozen, tasks, n, seed)` scores `n` fixed examples per task (`training.synthetic.make_examples`) by exact
-  string match and returns per-task and overall accuracy.
+- `answer(frozen, images, questions)` builds every prompt with the processor's chat template and the processor
+  itself (exactly as a server does), runs `m2pt.forward.encode_images` + `prefill` + `decode_step` greedily,
+  and returns the decoded answers (special tokens dropped, words joined by spaces).
+- `evaluate(frozen, tasks, n, seed)` scores `n` fixed examples per task (`training.synthetic.make_examples`)
+  by exact string match and returns per-task and overall accuracy.
 - The held-out set is `HELD_OUT_SEED`; training draws from its own stream and validates on `VALIDATION_SEED`.
 This module does NOT train, and writes no files (the CLI in training/demo_base.py does).
 """
@@ -30,7 +30,9 @@ MAX_ANSWER_TOKENS = 4  # the longest answer is two words; one more for </s>, one
 
 
 @torch.inference_mode()
-def answer(frozen, images: Sequence, questions: Sequence[str], max_new_tokens: int = MAX_ANSWER_TOKENS) -> list[str]:
+def answer(
+    frozen, images: Sequence, questions: Sequence[str], max_new_tokens: int = MAX_ANSWER_TOKENS
+) -> list[str]:
     """Greedy answers of a `FrozenLlava` (no bundle) for one image + one question per row."""
     from m2pt.forward import RowInput, decode_step, encode_images, prefill
 
@@ -97,7 +99,9 @@ def score(examples: Sequence[Example], predictions: Sequence[str], seed: int) ->
     return EvalResult(per_task, overall, n, seed, misses)
 
 
-def evaluate(frozen, tasks: Sequence[str], n: int, seed: int = HELD_OUT_SEED, batch_size: int = 64) -> EvalResult:
+def evaluate(
+    frozen, tasks: Sequence[str], n: int, seed: int = HELD_OUT_SEED, batch_size: int = 64
+) -> EvalResult:
     """Greedy exact match on `n` fixed examples of each task."""
     examples = make_examples(list(tasks), n, seed)
     predictions: list[str] = []

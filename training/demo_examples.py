@@ -1,8 +1,9 @@
-"""The README's example images and questions for the demo base model, and asking the model about a local image.
+"""The README's example images and questions for the demo base model; asking the model about a local image.
 
 Contract:
-- `EXAMPLES` names each example image (drawn by `training.synthetic.draw_scene` at 256 px), the natural questions the
-  README may send with it, and the answers a correct model gives. `write_examples(dir)` writes the PNGs.
+- `EXAMPLES` names each example image (drawn by `training.synthetic.draw_scene` at 256 px), the natural
+  questions the README may send with it, and the answers a correct model gives. `write_examples(dir)` writes
+  the PNGs.
 - `ask(frozen, image, question)` answers one question about one image through the serving code path
   (`training.demo_eval.answer`: the processor's chat template, `m2pt.forward`, greedy decoding).
 - `load_image(path)` opens a local PNG/JPEG/WEBP as RGB (other formats are refused with `DemoImageError`).
@@ -42,14 +43,26 @@ class DemoExample:
 
 
 EXAMPLES: tuple[DemoExample, ...] = (
-    DemoExample("red_circle.png", (("circle", "red", None),),
-                ((COLOR_Q, "red"), (SHAPE_Q, "circle"), (WHERE_Q, "center"), (COUNT_Q, "1"))),
-    DemoExample("green_triangle.png", (("triangle", "green", None),),
-                ((COLOR_Q, "green"), (SHAPE_Q, "triangle"), ("What colour is the ball?", "green"))),
-    DemoExample("blue_square_top_left.png", (("square", "blue", 0),),
-                ((COLOR_Q, "blue"), (WHERE_Q, "top left"), ("Which cell is the shape in?", "1"), (COUNT_Q, "1"))),
-    DemoExample("three_shapes.png", (("circle", "yellow", 2), ("square", "purple", 4), ("triangle", "orange", 6)),
-                ((COUNT_Q, "3"),)),
+    DemoExample(
+        "red_circle.png",
+        (("circle", "red", None),),
+        ((COLOR_Q, "red"), (SHAPE_Q, "circle"), (WHERE_Q, "center"), (COUNT_Q, "1")),
+    ),
+    DemoExample(
+        "green_triangle.png",
+        (("triangle", "green", None),),
+        ((COLOR_Q, "green"), (SHAPE_Q, "triangle"), ("What colour is the ball?", "green")),
+    ),
+    DemoExample(
+        "blue_square_top_left.png",
+        (("square", "blue", 0),),
+        ((COLOR_Q, "blue"), (WHERE_Q, "top left"), ("Which cell is the shape in?", "1"), (COUNT_Q, "1")),
+    ),
+    DemoExample(
+        "three_shapes.png",
+        (("circle", "yellow", 2), ("square", "purple", 4), ("triangle", "orange", 6)),
+        ((COUNT_Q, "3"),),
+    ),
 )
 
 
@@ -93,5 +106,7 @@ def record_answers(frozen, examples_dir: str | Path) -> list[dict]:
         image = load_image(Path(examples_dir) / example.filename)
         for question, expected in example.expected:
             got = ask(frozen, image, question)
-            records.append({"image": example.filename, "question": question, "expected": expected, "answer": got})
+            records.append(
+                {"image": example.filename, "question": question, "expected": expected, "answer": got}
+            )
     return records

@@ -1,23 +1,25 @@
-"""Synthetic image-instruction data for the demo base model, drawn with PIL and generated on the fly from a seed.
+"""Synthetic image-instruction data for the demo base model: drawn with PIL, generated on the fly from a seed.
 
 Contract:
-- `sample(task, rng)` draws one `Example` (a PIL RGB image, a natural question, its exact answer, the task name);
-  the same `random.Random` state always gives the same example. `make_examples(tasks, n, seed)` gives `n` examples
-  per task, interleaved; example `i` of a task depends only on (seed, task, i), not on the other tasks asked for.
-- Images are drawn LARGER than the model input (96 px by default) on a black canvas laid out as a 3×3 grid. The
-  model's own image processor resizes them (the one the server uses), so training and serving see identical
-  preprocessing. Nothing here resizes, normalises or tokenises.
-- Questions are natural phrasings (several per task, with a free noun and optional "in the image" parts); answers are
-  natural words ("red", "circle", "top left", "2"). The tokenizer lowercases and splits punctuation off, so the
-  phrasings here are written lowercase with spaced punctuation, exactly as they will be tokenised.
+- `sample(task, rng)` draws one `Example` (a PIL RGB image, a natural question, its exact answer, the task
+  name); the same `random.Random` state always gives the same example. `make_examples(tasks, n, seed)` gives
+  `n` examples per task, interleaved; example `i` of a task depends only on (seed, task, i), not on the other
+  tasks asked for.
+- Images are drawn LARGER than the model input (96 px by default) on a black canvas laid out as a 3×3 grid.
+  The model's own image processor resizes them (the one the server uses), so training and serving see
+  identical preprocessing. Nothing here resizes, normalises or tokenises.
+- Questions are natural phrasings (several per task, with a free noun and optional "in the image" parts);
+  answers are natural words ("red", "circle", "top left", "2"). The tokenizer lowercases and splits
+  punctuation off, so the phrasings here are written lowercase with spaced punctuation, exactly as they will
+  be tokenised.
 - `vocabulary()` lists every word a task, phrasing or answer uses, plus `RESERVED_WORDS`, in a fixed order.
 
-Pretraining tasks (`TASKS`): colour, shape (of one big shape), where (position words), cell (grid cell 1–9), count
-(0–3 small shapes) and stroke (line orientation). Between them the answers use every digit 0–9, so the language-model
-head already speaks digits before anyone prompt-tunes the base on handwritten digits.
+Pretraining tasks (`TASKS`): colour, shape (of one big shape), where (position words), cell (grid cell 1–9),
+count (0–3 small shapes) and stroke (line orientation). Between them the answers use every digit 0–9, so the
+language-model head already speaks digits before anyone prompt-tunes the base on handwritten digits.
 
-Reserved for later tasks (never used by a pretraining question or answer; only in the tokenizer so that a prompt-tuned
-bundle can read them):
+Reserved for later tasks (never used by a pretraining question or answer; only in the tokenizer so that a
+prompt-tuned bundle can read them):
 - handwritten digits (scikit-learn `digits`, done by the training module): `DIGIT_QUESTIONS` such as
   "what digit is this ?", answers "0".."9" (digits the base already speaks, on images it has never seen).
 - `HELD_OUT_TASKS`, generated here, never mixed into pretraining:
@@ -66,7 +68,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ["circle", "square", "triangle"]
 # Grid cells in reading order (cell 1 is top left, cell 9 bottom right).
-POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+POSITIONS = [
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+]
 STROKES = ["horizontal", "vertical", "diagonal up", "diagonal down"]
 MAX_COUNT = 3
 BIG_SHARE = 0.2  # share of `where` examples (and of one-shape `count` ones) that show one big central shape
@@ -76,54 +88,111 @@ PLURALS = ["shapes", "objects", "things", "figures"]
 IN_IMAGE = ["", "", "", " in the image", " in the picture", " in this image", " here"]
 LEADS = ["", "", "", "", "please tell me ", "tell me ", "can you tell me "]
 
-# Words a synonym-free question can lose without changing its meaning; demo_base may swap them for <unk> so the
-# model learns to shrug off words it does not know.
-FILLER_WORDS = frozenset(["object", "thing", "figure", "objects", "things", "figures", "image", "picture", "please"])
+# Words a synonym-free question can lose without changing its meaning; demo_base may swap them for <unk> so
+# the model learns to shrug off words it does not know.
+FILLER_WORDS = frozenset(
+    ["object", "thing", "figure", "objects", "things", "figures", "image", "picture", "please"]
+)
 
 _PHRASES: dict[str, list[str]] = {
     "color": [
-        "what color is the {noun}{in} ?", "what colour is the {noun}{in} ?", "what color is it ?",
-        "what color is this {noun} ?", "what is the color of the {noun}{in} ?", "which color is the {noun} ?",
-        "what ' s the colour of the {noun} ?", "color of the {noun}{in} ?", "what color do you see{in} ?",
+        "what color is the {noun}{in} ?",
+        "what colour is the {noun}{in} ?",
+        "what color is it ?",
+        "what color is this {noun} ?",
+        "what is the color of the {noun}{in} ?",
+        "which color is the {noun} ?",
+        "what ' s the colour of the {noun} ?",
+        "color of the {noun}{in} ?",
+        "what color do you see{in} ?",
     ],
     "shape": [
-        "what shape is this ?", "what shape is it ?", "what shape is the {noun}{in} ?", "what is the shape{in} ?",
-        "which shape is shown{in} ?", "what kind of shape is this ?", "what shape do you see{in} ?",
-        "name the shape{in} .", "what ' s the shape of the {noun} ?",
+        "what shape is this ?",
+        "what shape is it ?",
+        "what shape is the {noun}{in} ?",
+        "what is the shape{in} ?",
+        "which shape is shown{in} ?",
+        "what kind of shape is this ?",
+        "what shape do you see{in} ?",
+        "name the shape{in} .",
+        "what ' s the shape of the {noun} ?",
     ],
     "where": [
-        "where is the {noun}{in} ?", "where is it ?", "where is the {noun} located ?", "where is this {noun} ?",
-        "what is the position of the {noun}{in} ?", "in which part of the image is the {noun} ?",
-        "where do you see the {noun} ?", "what ' s the location of the {noun} ?",
+        "where is the {noun}{in} ?",
+        "where is it ?",
+        "where is the {noun} located ?",
+        "where is this {noun} ?",
+        "what is the position of the {noun}{in} ?",
+        "in which part of the image is the {noun} ?",
+        "where do you see the {noun} ?",
+        "what ' s the location of the {noun} ?",
     ],
     "cell": [
-        "which cell is the {noun} in ?", "in which cell is the {noun} ?", "what cell is the {noun} in ?",
-        "which grid cell is the {noun} in ?", "which cell of the grid holds the {noun} ?",
+        "which cell is the {noun} in ?",
+        "in which cell is the {noun} ?",
+        "what cell is the {noun} in ?",
+        "which grid cell is the {noun} in ?",
+        "which cell of the grid holds the {noun} ?",
     ],
     "count": [
-        "how many {nouns} are there{in} ?", "how many {nouns} are in the image ?", "how many {nouns} ?",
-        "how many {nouns} do you see{in} ?", "count the {nouns}{in} .", "what is the count of {nouns}{in} ?",
+        "how many {nouns} are there{in} ?",
+        "how many {nouns} are in the image ?",
+        "how many {nouns} ?",
+        "how many {nouns} do you see{in} ?",
+        "count the {nouns}{in} .",
+        "what is the count of {nouns}{in} ?",
         "how many {nouns} can you see ?",
     ],
     "stroke": [
-        "which way does the line go ?", "what direction is the line{in} ?", "how is the line oriented ?",
-        "what kind of line is this ?", "what is the direction of the line{in} ?", "which way is the line drawn ?",
+        "which way does the line go ?",
+        "what direction is the line{in} ?",
+        "how is the line oriented ?",
+        "what kind of line is this ?",
+        "what is the direction of the line{in} ?",
+        "which way is the line drawn ?",
     ],
 }
 
 # Phrasings of the held-out tasks and of the handwritten-digit task. Never used in pretraining.
 HELD_OUT_PHRASES: dict[str, list[str]] = {
     "size": ["is the {noun} big or small ?", "what size is the {noun} ?", "how big is the {noun}{in} ?"],
-    "side": ["which side is the {noun} on ?", "is the {noun} on the left or the right ?", "on which side is the {noun} ?"],
+    "side": [
+        "which side is the {noun} on ?",
+        "is the {noun} on the left or the right ?",
+        "on which side is the {noun} ?",
+    ],
     "half": ["is the {noun} in the upper or lower half ?", "which half is the {noun} in ?"],
 }
 DIGIT_QUESTIONS = [
-    "what digit is this ?", "what digit is shown ?", "which digit is written here ?", "what number is this ?",
-    "what handwritten digit is this ?", "read the digit .", "what is the digit in the image ?", "which numeral is it ?",
+    "what digit is this ?",
+    "what digit is shown ?",
+    "which digit is written here ?",
+    "what number is this ?",
+    "what handwritten digit is this ?",
+    "read the digit .",
+    "what is the digit in the image ?",
+    "which numeral is it ?",
 ]
 RESERVED_WORDS = [
-    "digit", "digits", "number", "numeral", "handwritten", "written", "read", "size", "big", "small", "large",
-    "tiny", "side", "half", "upper", "lower", "or", "on", "pattern",
+    "digit",
+    "digits",
+    "number",
+    "numeral",
+    "handwritten",
+    "written",
+    "read",
+    "size",
+    "big",
+    "small",
+    "large",
+    "tiny",
+    "side",
+    "half",
+    "upper",
+    "lower",
+    "or",
+    "on",
+    "pattern",
 ]
 
 _LEAD_OK = ("what", "which", "where", "how", "is ")
@@ -138,15 +207,20 @@ def words_of(text: str) -> list[str]:
 def _phrase(templates: list[str], rng: random.Random) -> str:
     template = rng.choice(templates)
     text = template.format(noun=rng.choice(NOUNS), nouns=rng.choice(PLURALS), **{"in": rng.choice(IN_IMAGE)})
-    lead = rng.choice(LEADS)  # drawn for every question so that the RNG stream does not depend on the template
+    lead = rng.choice(
+        LEADS
+    )  # drawn for every question so that the RNG stream does not depend on the template
     return lead + text if text.startswith(_LEAD_OK) else text
 
 
 def _jitter_color(name: str, rng: random.Random) -> tuple[int, int, int]:
-    return tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[name])  # type: ignore[return-value]
+    r, g, b = (max(0, min(255, c + rng.randint(-15, 15))) for c in COLORS[name])
+    return r, g, b
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]):
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill: tuple[int, int, int]
+):
     """Draw `kind` centred at (cx, cy) with half-extent `r` (pixels)."""
     if kind == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -162,7 +236,9 @@ def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _small_in_cell(draw, cell: int, size: int, rng: random.Random, kind: str | None = None, color: str | None = None):
+def _small_in_cell(
+    draw, cell: int, size: int, rng: random.Random, kind: str | None = None, color: str | None = None
+):
     """A small shape inside grid cell `cell` (0..8), jittered but never leaving the cell."""
     unit = size / GRID
     row, col = divmod(cell, GRID)
@@ -170,7 +246,9 @@ def _small_in_cell(draw, cell: int, size: int, rng: random.Random, kind: str | N
     slack = unit / 2 - r - unit * 0.04
     cx = (col + 0.5) * unit + rng.uniform(-slack, slack)
     cy = (row + 0.5) * unit + rng.uniform(-slack, slack)
-    _draw_shape(draw, kind or rng.choice(SHAPES), cx, cy, r, _jitter_color(color or rng.choice(list(COLORS)), rng))
+    _draw_shape(
+        draw, kind or rng.choice(SHAPES), cx, cy, r, _jitter_color(color or rng.choice(list(COLORS)), rng)
+    )
 
 
 def _big(draw, size: int, rng: random.Random, kind: str, color: str) -> None:
@@ -305,7 +383,8 @@ def example_rng(seed: int, task: str, index: int) -> random.Random:
 
 
 def make_examples(tasks: list[str], n: int, seed: int, size: int = DEFAULT_SIZE) -> list[Example]:
-    """`n` examples of every task in `tasks`, interleaved (t1, t2, ..., t1, t2, ...). Deterministic per seed."""
+    """`n` examples of every task in `tasks`, interleaved (t1, t2, ..., t1, t2, ...). Deterministic per
+    seed."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     for task in tasks:
@@ -314,13 +393,16 @@ def make_examples(tasks: list[str], n: int, seed: int, size: int = DEFAULT_SIZE)
 
 
 def draw_scene(items: list[tuple[str, str, int | None]], size: int = 256, seed: int = 0) -> Image.Image:
-    """Draw chosen shapes as the generator would: `(shape, colour, cell)` with cell 0..8 for a small shape in that
+    """Draw chosen shapes as the generator would: `(shape, colour, cell)` with cell 0..8 for a small shape in
+    that
     grid cell (reading order) or None for one big central shape. Used for the README example images."""
     rng = random.Random(f"m2pt-scene:{seed}")
     image, draw = _canvas(size)
     for kind, color, cell in items:
         if kind not in SHAPES or color not in COLORS:
-            raise ValueError(f"unknown shape {kind!r} or colour {color!r}; shapes {SHAPES}, colours {list(COLORS)}")
+            raise ValueError(
+                f"unknown shape {kind!r} or colour {color!r}; shapes {SHAPES}, colours {list(COLORS)}"
+            )
         if cell is None:
             _big(draw, size, rng, kind, color)
         elif 0 <= cell < GRID * GRID:
@@ -354,5 +436,9 @@ def vocabulary() -> list[str]:
     words = pretraining_words()
     for templates in HELD_OUT_PHRASES.values():
         words += _template_words(templates)
-    words += _template_words(DIGIT_QUESTIONS) + ["big", "small", "left", "right", "upper", "lower"] + RESERVED_WORDS
+    words += (
+        _template_words(DIGIT_QUESTIONS)
+        + ["big", "small", "left", "right", "upper", "lower"]
+        + RESERVED_WORDS
+    )
     return list(dict.fromkeys(words))
