@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from m2pt.cache import GrowableLayer, set_layer_states
 from m2pt.prefix import BundlePrefix
 
 NEG_INF = float("-inf")
@@ -139,8 +140,8 @@ class DecodeState:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
-            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+            keys = layer.keys.index_select(0, idx)[:, :, start:]
+            set_layer_states(layer, keys, layer.values.index_select(0, idx)[:, :, start:])
         return DecodeState(self.cache, mask[:, start:], self.positions.index_select(0, idx))
 
     @staticmethod
@@ -152,10 +153,11 @@ class DecodeState:
         masks = [nn.functional.pad(s.attention_mask, (length - s.attention_mask.shape[1], 0)) for s in states]
         base = states[0].cache
         for layer_idx, layer in enumerate(base.layers):
+            merged = []
             for attr in ("keys", "values"):
                 tensors = [getattr(s.cache.layers[layer_idx], attr) for s in states]
-                padded = [nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors]
-                setattr(layer, attr, torch.cat(padded, dim=0))
+                merged.append(torch.cat([nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors]))
+            set_layer_states(layer, *merged)
         return DecodeState(base, torch.cat(masks), torch.cat([s.positions for s in states]))
 
 
@@ -182,25 +184,36 @@ def _embed_rows(model: nn.Module, rows: Sequence[RowInput]) -> tuple[Tensor, Ten
     return embeds, mask
 
 
-def _prefix_cache(model: nn.Module, rows: Sequence[RowInput], like: Tensor) -> tuple[object, Tensor, Tensor]:
-    """DynamicCache prefilled with each row's text prefix, its mask [B, P] and each row's prefix length [B]."""
+def _prefix_cache(
+    model: nn.Module, rows: Sequence[RowInput], like: Tensor, room: int
+) -> tuple[object, Tensor, Tensor]:
+    """A cache prefilled with each row's text prefix, its mask [B, P] and each row's prefix length [B].
+
+    Without autograd (serving) the layers grow in place with `room` free positions (see `m2pt.cache`)."""
     from transformers import DynamicCache
 
     parts = [None if r.prefix is None or r.prefix.text_k is None else (r.prefix.text_k, r.prefix.text_v) for r in rows]
     lengths = torch.tensor([0 if p is None else p[0].shape[2] for p in parts], device=like.device)
     stacked = _stack_prefixes(parts, like)
-    if stacked is None:
-        return DynamicCache(config=model.config), like.new_zeros(len(rows), 0, dtype=torch.long), lengths
-    keys, values, bias = stacked
-    cache = DynamicCache(ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config)
-    return cache, (bias == 0).long(), lengths
+    cache = DynamicCache(config=model.config)
+    mask = like.new_zeros(len(rows), 0, dtype=torch.long)
+    if stacked is not None:
+        keys, values, bias = stacked
+        cache = DynamicCache(ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config)
+        mask = (bias == 0).long()
+    if not torch.is_grad_enabled():
+        cache.layers = [
+            GrowableLayer(layer.keys, layer.values, headroom=room) if layer.is_initialized else GrowableLayer()
+            for layer in cache.layers
+        ]
+    return cache, mask, lengths
 
 
 def prefill(model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False) -> tuple[Tensor, DecodeState]:
     """Run the prompt of every row. Returns logits ([B, V] of the last token, or [B, T, V] left-padded when
     `all_logits`) and the `DecodeState` to continue decoding from."""
     embeds, text_mask = _embed_rows(model, rows)
-    cache, prefix_mask, prefix_len = _prefix_cache(model, rows, embeds)
+    cache, prefix_mask, prefix_len = _prefix_cache(model, rows, embeds, room=embeds.shape[1] + 64)
     attention_mask = torch.cat([prefix_mask, text_mask], dim=1)  # [B, P+T]
     position_ids = (prefix_len[:, None] + text_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     out = model.model.language_model(
