@@ -76,6 +76,7 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-md", default="docs/ablation.md")
     p.add_argument("--out-json", default="docs/ablation.json")
     p.add_argument("--out-png", default="docs/ablation.png")
+    p.add_argument("--notes", help="Markdown file appended to the table (lr tuning, how to read it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -174,6 +175,8 @@ def markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         "```",
         "",
     ]
+    if getattr(args, "notes", None):
+        lines += [Path(args.notes).read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -190,13 +193,15 @@ RERUN_FLAGS = [
     "prompt_len",
     "seed",
     "eval_every",
+    "notes",
 ]
 
 
 def rerun_command(args: argparse.Namespace) -> str:
     parts = ["m2pt", "train-ablation"]
     for key in RERUN_FLAGS:
-        parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        if getattr(args, key, None) is not None:
+            parts += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -206,20 +211,23 @@ def bar_chart(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     try:
         colors = {"base": "#999", "textual": "#59c", "visual": "#5a6", "m2pt": "#c41"}
+        labels = [f"{r.variant}\n{r.params / 1000:.1f} k params" for r in rows]
         bars = ax.bar(
-            [r.variant for r in rows],
+            labels,
             [100 * r.accuracy for r in rows],
-            color=[colors.get(r.variant, "#a8b") for r in rows],
+            color=[colors.get(r.variant, "#ddd") for r in rows],
+            hatch=["" if r.variant in colors else "//" for r in rows],
+            edgecolor="#555",
         )
         ax.bar_label(bars, fmt="%.1f%%")
         ax.axhline(10, color="#444", linestyle="--", linewidth=0.8, label="chance (10 %)")
         ax.set(
             ylabel="held-out exact match (%)",
             ylim=(0, 105),
-            title="M²PT ablation on digits (frozen demo base)",
+            title="M²PT ablation on handwritten digits (frozen demo base; hatched: decomposition)",
         )
         ax.legend(loc="upper left")
         fig.tight_layout()

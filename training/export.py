@@ -82,7 +82,9 @@ def export_bundle(
     from prompts_store.format import save_bundle
 
     bundle_dir = save_bundle(out, prompts, spec, name, version=version, provenance=provenance)
-    plot_curves(history, curves_path(bundle_dir), f"{name}: {provenance.get('dataset', {}).get('train', '')}")
+    dataset = provenance.get("dataset", {})
+    title = f"bundle {name}: trained on {dataset.get('train')}, evaluated on {dataset.get('eval')}"
+    plot_curves(history, curves_path(bundle_dir), title)
     return Path(bundle_dir)
 
 
