@@ -42,6 +42,7 @@ class LoadResult:
     ttft_p99_ms: float
     itl_p50_ms: float
     itl_p99_ms: float
+    engine: dict = field(default_factory=dict)  # engine phase split, when the server exposes it
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -77,11 +77,33 @@ def make_bodies(n: int, mode: str, bundles: list[str], base_id: str, max_tokens:
     return bodies
 
 
+def engine_phase_seconds(url: str) -> dict[str, float]:
+    """Cumulative engine time per phase and decode-step count, read from /metrics (zeros for the baseline)."""
+    out = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for phase in ("prefill", "decode"):
+            if line.startswith(f'm2pt_engine_step_seconds_sum{{phase="{phase}"}}'):
+                out[f"{phase}_s"] = float(line.split()[-1])
+            if phase == "decode" and line.startswith('m2pt_engine_step_seconds_count{phase="decode"}'):
+                out["decode_steps"] = float(line.split()[-1])
+    return out
+
+
 async def scenario(url: str, mode: str, clients: int, args, bundles: list[str], seed0: int, label: str) -> LoadResult:
     base_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
     n = max(args.requests_per_client * clients, 4)
     bodies = make_bodies(n, mode, bundles, base_id, args.max_tokens, seed0)
+    before = engine_phase_seconds(url)
     result = await run_load(url, bodies, clients, label)
+    after = engine_phase_seconds(url)
+    delta = {k: after[k] - before[k] for k in after}
+    if delta["decode_steps"]:
+        result.engine = {
+            "prefill_share_of_wall": round(delta["prefill_s"] / result.wall_s, 3),
+            "decode_share_of_wall": round(delta["decode_s"] / result.wall_s, 3),
+            "mean_rows_per_decode_step": round(result.completion_tokens / delta["decode_steps"], 2),
+            "decode_ms_per_step": round(1000 * delta["decode_s"] / delta["decode_steps"], 1),
+        }
     log.info("%-40s %6.2f tok/s  %5.3f req/s  ttft p50 %7.0f ms  errors %d", label, result.tokens_per_s,
              result.requests_per_s, result.ttft_p50_ms, result.errors)
     return result
@@ -144,6 +166,8 @@ def write_reports(out: Path, payload: dict) -> None:
                      f"{r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['errors']} |")
     lines += ["", "## Ratios (throughput in completion tokens/s, same run, same model)", ""]
     lines += [f"- {k}: **{v}**" for k, v in payload["ratios"].items()]
+    lines += ["", "## Where the engine's time went (from its /metrics, per scenario)", ""]
+    lines += [f"- {r['label']}: {r['engine']}" for r in payload["results"].values() if r.get("engine")]
     lines += ["", "## CPU bound (in-process, same model)", ""]
     lines += [f"- {k}: {v}" for k, v in payload["cpu_bound"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -27,6 +27,10 @@ class ServerMetrics:
         )
         self.generated_tokens = Counter("m2pt_generated_tokens", "Tokens generated", ["bundle"], registry=r)
         self.prompt_tokens = Counter("m2pt_prompt_tokens", "Prompt tokens prefilled", ["bundle"], registry=r)
+        self.step_seconds = Histogram(
+            "m2pt_engine_step_seconds", "Engine loop time by phase (prefill of new rows, one decode step)", ["phase"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.bundle_loads = Counter("m2pt_bundle_loads", "Bundles loaded onto the device", registry=r)
         self.bundle_evictions = Counter("m2pt_bundle_evictions", "Bundles evicted from the device", registry=r)
         self.bundle_load_seconds = Histogram(

@@ -206,14 +206,19 @@ class Engine:
             self._finish(self._lookup(sched.request_id), "timeout")
         admitted = [seq for s in out.admit if (seq := self._lookup(s.request_id)) is not None and not seq.done]
         if admitted:
+            started = time.perf_counter()
             logits = self.runner.prefill([s.row for s in admitted])
+            self._observe_phase("prefill", started)
             self._running.update({s.request.request_id: s for s in admitted})
             self._count_prompt_tokens(admitted)
             self._advance(admitted, logits)
         self._drop_done()
         if self.runner.row_ids:
             running = [self._running[rid] for rid in self.runner.row_ids]
-            self._advance(running, self.runner.decode([s.last_token for s in running]))
+            started = time.perf_counter()
+            logits = self.runner.decode([s.last_token for s in running])
+            self._observe_phase("decode", started)
+            self._advance(running, logits)
             self._drop_done()
         self._set_gauges()
 
@@ -285,6 +290,10 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
         seq.last_token_at = now
+
+    def _observe_phase(self, phase: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.step_seconds.labels(phase).observe(time.perf_counter() - started)
 
     def _count_prompt_tokens(self, seqs: list[LiveSeq]) -> None:
         if self.metrics is not None:
