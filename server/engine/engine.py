@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -312,7 +311,3 @@ class Engine:
         loaded = self.store.load(ref, self.spec, self.bundle_limits)
         with torch.inference_mode():
             return compute_prefix(self.frozen.model, loaded.prompts)
-
-
-def new_request_id(prefix: str = "chatcmpl") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
