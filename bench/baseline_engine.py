@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -46,7 +45,9 @@ class HFGenerateBatch1Engine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         ref = self.store.resolve(request.bundle) if request.bundle else None
         text, prompt_tokens, completion = await asyncio.to_thread(self._run, request, ref)
-        yield StreamEvent(request.request_id, text, "length", prompt_tokens, completion, None if ref is None else ref.label)
+        yield StreamEvent(
+            request.request_id, text, "length", prompt_tokens, completion, None if ref is None else ref.label
+        )
 
     def _prefix(self, ref):
         if ref is None:
@@ -68,7 +69,9 @@ class HFGenerateBatch1Engine:
             ids = row.input_ids[None]  # [1, T]
             embeds = model.model.get_input_embeddings()(ids)  # [1, T, D]
             if row.pixel_values is not None:
-                feats = encode_images(model, row.pixel_values, [prefix] * row.pixel_values.shape[0])  # [n, N, D]
+                feats = encode_images(
+                    model, row.pixel_values, [prefix] * row.pixel_values.shape[0]
+                )  # [n, N, D]
                 slots = (ids == self.spec.image_token_id)[..., None].expand_as(embeds)
                 embeds = embeds.masked_scatter(slots, feats.reshape(-1, feats.shape[-1]))
             lt = 0 if prefix is None else prefix.text_len
@@ -79,8 +82,13 @@ class HFGenerateBatch1Engine:
             embeds = torch.cat([embeds.new_zeros(1, lt, embeds.shape[-1]), embeds], dim=1)
             mask = torch.ones(1, embeds.shape[1], dtype=torch.long)
             out = model.generate(
-                inputs_embeds=embeds, attention_mask=mask, cache=cache, max_new_tokens=request.sampling.max_tokens,
-                min_new_tokens=request.sampling.max_tokens, do_sample=False, pad_token_id=0,
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                cache=cache,
+                max_new_tokens=request.sampling.max_tokens,
+                min_new_tokens=request.sampling.max_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
             tokens = out[0].tolist()
             text = self.frozen.processor.tokenizer.decode(tokens, skip_special_tokens=True)

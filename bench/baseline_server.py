@@ -1,6 +1,6 @@
 """Serve the batch-1 HF `generate` baseline behind the same HTTP app as `m2pt serve` (benchmark use only).
 
-    python -m bench.baseline_server --model DIR --store DIR --port 8001
+python -m bench.baseline_server --model DIR --store DIR --port 8001
 """
 
 from __future__ import annotations

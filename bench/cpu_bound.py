@@ -21,7 +21,9 @@ def _time(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure_cpu_bound(frozen, prompt_ids: torch.Tensor, max_tokens: int, batch: int = 16, repeats: int = 2) -> dict:
+def measure_cpu_bound(
+    frozen, prompt_ids: torch.Tensor, max_tokens: int, batch: int = 16, repeats: int = 2
+) -> dict:
     """Returns ms per request for prefill and decode and the implied ceiling of batched/alone throughput."""
     model, spec = frozen.model, frozen.spec
     prefix = compute_prefix(model, init_prompts(spec, 10, 10, model.model.multi_modal_projector.state_dict()))

@@ -60,7 +60,10 @@ def chat_body(model: str, instruction: str, image_uri: str, max_tokens: int) -> 
         "messages": [
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": image_uri}}, {"type": "text", "text": instruction}],
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_uri}},
+                    {"type": "text", "text": instruction},
+                ],
             }
         ],
         "max_tokens": max_tokens,
@@ -103,7 +106,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[idx]
 
 
-async def run_load(base_url: str, bodies: list[dict], clients: int, label: str, timeout_s: float = 900) -> LoadResult:
+async def run_load(
+    base_url: str, bodies: list[dict], clients: int, label: str, timeout_s: float = 900
+) -> LoadResult:
     """Send `bodies` with `clients` concurrent closed-loop clients; returns the aggregate."""
     url = base_url.rstrip("/") + "/v1/chat/completions"
     pending = list(enumerate(bodies))
@@ -127,9 +132,16 @@ async def run_load(base_url: str, bodies: list[dict], clients: int, label: str, 
     if errors:
         log.warning("%s: %d errors, first: %s", label, len(errors), errors[0])
     return LoadResult(
-        label=label, clients=clients, requests=len(timings), errors=len(errors), wall_s=round(wall, 2),
-        completion_tokens=tokens, requests_per_s=round(len(ok) / wall, 3), tokens_per_s=round(tokens / wall, 2),
-        ttft_p50_ms=round(_pct(ttft, 0.5), 1), ttft_p99_ms=round(_pct(ttft, 0.99), 1),
+        label=label,
+        clients=clients,
+        requests=len(timings),
+        errors=len(errors),
+        wall_s=round(wall, 2),
+        completion_tokens=tokens,
+        requests_per_s=round(len(ok) / wall, 3),
+        tokens_per_s=round(tokens / wall, 2),
+        ttft_p50_ms=round(_pct(ttft, 0.5), 1),
+        ttft_p99_ms=round(_pct(ttft, 0.99), 1),
         itl_p50_ms=round(_pct(itl, 0.5), 1) if itl else float("nan"),
         itl_p99_ms=round(_pct(itl, 0.99), 1) if itl else float("nan"),
     )

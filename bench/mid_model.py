@@ -19,9 +19,20 @@ def mid_config():
     filler = [f"w{i}" for i in range(32000 - 5 - 6 - len(VOCAB_WORDS))]
     return TinyLlavaConfig(
         words=VOCAB_WORDS + filler,
-        image_size=224, patch_size=14, vit_dim=512, vit_layers=6, vit_heads=8, vit_mlp=2048,
-        llm_dim=1024, llm_layers=8, llm_heads=16, llm_kv_heads=16, llm_mlp=2816,
-        select_strategy="default", max_positions=2048, seed=0,
+        image_size=224,
+        patch_size=14,
+        vit_dim=512,
+        vit_layers=6,
+        vit_heads=8,
+        vit_mlp=2048,
+        llm_dim=1024,
+        llm_layers=8,
+        llm_heads=16,
+        llm_kv_heads=16,
+        llm_mlp=2816,
+        select_strategy="default",
+        max_positions=2048,
+        seed=0,
     )
 
 
@@ -34,7 +45,9 @@ def build_mid_model(out_dir: Path) -> Path:
     return build_tiny_llava(out_dir, mid_config())
 
 
-def build_bundle_store(model_dir: Path, store_dir: Path, count: int, text_len: int = 10, visual_len: int = 10) -> list[str]:
+def build_bundle_store(
+    model_dir: Path, store_dir: Path, count: int, text_len: int = 10, visual_len: int = 10
+) -> list[str]:
     """Publish `count` random bundles (deep text + visual prompts + projector) named b00, b01, ...; returns names."""
     from m2pt.loading import load_frozen_llava
     from m2pt.prompts import init_prompts

@@ -68,7 +68,9 @@ def running_server(cmd: list[str], port: int, ready_timeout: float = 600):
         logfile.close()
 
 
-def make_bodies(n: int, mode: str, bundles: list[str], base_id: str, max_tokens: int, seed0: int) -> list[dict]:
+def make_bodies(
+    n: int, mode: str, bundles: list[str], base_id: str, max_tokens: int, seed0: int
+) -> list[dict]:
     """`mode`: single (all on bundles[0]), distinct (round-robin over all bundles), none (base model)."""
     bodies = []
     for i in range(n):
@@ -89,7 +91,9 @@ def engine_phase_seconds(url: str) -> dict[str, float]:
     return out
 
 
-async def scenario(url: str, mode: str, clients: int, args, bundles: list[str], seed0: int, label: str) -> LoadResult:
+async def scenario(
+    url: str, mode: str, clients: int, args, bundles: list[str], seed0: int, label: str
+) -> LoadResult:
     base_id = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
     n = max(args.requests_per_client * clients, 4)
     bodies = make_bodies(n, mode, bundles, base_id, args.max_tokens, seed0)
@@ -104,8 +108,14 @@ async def scenario(url: str, mode: str, clients: int, args, bundles: list[str], 
             "mean_rows_per_decode_step": round(result.completion_tokens / delta["decode_steps"], 2),
             "decode_ms_per_step": round(1000 * delta["decode_s"] / delta["decode_steps"], 1),
         }
-    log.info("%-40s %6.2f tok/s  %5.3f req/s  ttft p50 %7.0f ms  errors %d", label, result.tokens_per_s,
-             result.requests_per_s, result.ttft_p50_ms, result.errors)
+    log.info(
+        "%-40s %6.2f tok/s  %5.3f req/s  ttft p50 %7.0f ms  errors %d",
+        label,
+        result.tokens_per_s,
+        result.requests_per_s,
+        result.ttft_p50_ms,
+        result.errors,
+    )
     return result
 
 
@@ -114,8 +124,23 @@ async def warm_up(url: str, bundles: list[str], args) -> None:
 
 
 def serve_cmd(args, model_dir: Path, store: Path, port: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "m2pt_cli", "serve", "--model", str(model_dir), "--store", str(store), "--port",
-            str(port), "--max-batch-size", str(args.max_batch_size), "--max-queue", "512", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "m2pt_cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-queue",
+        "512",
+        *extra,
+    ]
 
 
 async def run_all(args, model_dir: Path, store: Path, bundles: list[str]) -> dict[str, LoadResult]:
@@ -124,21 +149,39 @@ async def run_all(args, model_dir: Path, store: Path, bundles: list[str]) -> dic
     with running_server(serve_cmd(args, model_dir, store, port, []), port) as url:
         await warm_up(url, bundles, args)
         for mode in ("single", "distinct", "none"):
-            results[f"ours/{mode}/16"] = await scenario(url, mode, 16, args, bundles, 0, f"ours, {mode} bundle(s), 16 clients")
+            results[f"ours/{mode}/16"] = await scenario(
+                url, mode, 16, args, bundles, 0, f"ours, {mode} bundle(s), 16 clients"
+            )
         for clients in (1, 4):
-            results[f"ours/distinct/{clients}"] = await scenario(url, "distinct", clients, args, bundles, 0, f"ours, distinct, {clients} clients")
+            results[f"ours/distinct/{clients}"] = await scenario(
+                url, "distinct", clients, args, bundles, 0, f"ours, distinct, {clients} clients"
+            )
     port = free_port()
-    with running_server(serve_cmd(args, model_dir, store, port, ["--max-bundles-per-batch", "1"]), port) as url:
+    with running_server(
+        serve_cmd(args, model_dir, store, port, ["--max-bundles-per-batch", "1"]), port
+    ) as url:
         await warm_up(url, bundles, args)
         results["one-bundle-per-step/distinct/16"] = await scenario(
-            url, "distinct", 16, args, bundles, 0, "ours --max-bundles-per-batch 1, 16 clients")
+            url, "distinct", 16, args, bundles, 0, "ours --max-bundles-per-batch 1, 16 clients"
+        )
     port = free_port()
-    baseline = [sys.executable, "-m", "bench.baseline_server", "--model", str(model_dir), "--store", str(store), "--port", str(port)]
+    baseline = [
+        sys.executable,
+        "-m",
+        "bench.baseline_server",
+        "--model",
+        str(model_dir),
+        "--store",
+        str(store),
+        "--port",
+        str(port),
+    ]
     with running_server(baseline, port) as url:
         await warm_up(url, bundles, args)
         for clients in (1, 4, 16):
             results[f"baseline/distinct/{clients}"] = await scenario(
-                url, "distinct", clients, args, bundles, 0, f"baseline HF generate batch 1, {clients} clients")
+                url, "distinct", clients, args, bundles, 0, f"baseline HF generate batch 1, {clients} clients"
+            )
     return results
 
 
@@ -147,23 +190,36 @@ def ratios(results: dict[str, LoadResult]) -> dict[str, float]:
     return {
         "mixed_vs_single_bundle": round(tps["ours/distinct/16"] / tps["ours/single/16"], 3),
         "mixed_vs_no_bundle": round(tps["ours/distinct/16"] / tps["ours/none/16"], 3),
-        **{f"ours_vs_batch1_baseline_{c}_clients": round(tps[f"ours/distinct/{c}"] / tps[f"baseline/distinct/{c}"], 3)
-           for c in (1, 4, 16)},
+        **{
+            f"ours_vs_batch1_baseline_{c}_clients": round(
+                tps[f"ours/distinct/{c}"] / tps[f"baseline/distinct/{c}"], 3
+            )
+            for c in (1, 4, 16)
+        },
         "ours_vs_one_bundle_per_step_16_distinct": round(
-            tps["ours/distinct/16"] / tps["one-bundle-per-step/distinct/16"], 3),
+            tps["ours/distinct/16"] / tps["one-bundle-per-step/distinct/16"], 3
+        ),
     }
 
 
 def write_reports(out: Path, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    lines = [f"# Serving benchmark ({payload['model']})", "", f"Command: `{payload['command']}`", "",
-             f"Machine: {payload['machine']}; {payload['max_tokens']} output tokens per request; greedy.", "",
-             "| scenario | clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Serving benchmark ({payload['model']})",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"Machine: {payload['machine']}; {payload['max_tokens']} output tokens per request; greedy.",
+        "",
+        "| scenario | clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in payload["results"].values():
-        lines.append(f"| {r['label']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
-                     f"{r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['errors']} |")
+        lines.append(
+            f"| {r['label']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
+            f"{r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['errors']} |"
+        )
     lines += ["", "## Ratios (throughput in completion tokens/s, same run, same model)", ""]
     lines += [f"- {k}: **{v}**" for k, v in payload["ratios"].items()]
     lines += ["", "## Where the engine's time went (from its /metrics, per scenario)", ""]
@@ -174,9 +230,13 @@ def write_reports(out: Path, payload: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="model and bundle store (rebuilt if absent)")
+    parser.add_argument(
+        "--work", type=Path, default=Path("runs/bench"), help="model and bundle store (rebuilt if absent)"
+    )
     parser.add_argument("--model-size", choices=["mid", "tiny"], default="mid")
     parser.add_argument("--bundles", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -193,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_mid_model(work / "model") if args.model_size == "mid" else _tiny_model(work / "model")
     bundles = build_bundle_store(model_dir, work / "store", args.bundles)
     frozen = load_frozen_llava(str(model_dir), device="cpu", dtype="float32")
-    prompt_ids = frozen.processor(images=[random_image(0)], text=frozen.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}],
-        add_generation_prompt=True), return_tensors="pt")["input_ids"][0]
+    prompt_ids = frozen.processor(
+        images=[random_image(0)],
+        text=frozen.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION}]}],
+            add_generation_prompt=True,
+        ),
+        return_tensors="pt",
+    )["input_ids"][0]
     cpu_bound = measure_cpu_bound(frozen, prompt_ids, args.max_tokens, batch=args.max_batch_size)
     params = sum(p.numel() for p in frozen.model.parameters())
     del frozen
@@ -220,8 +285,12 @@ def _tiny_model(out: Path) -> Path:
 
     if (out / "config.json").exists():
         return out
-    return build_tiny_llava(out, TinyLlavaConfig(words=["describe", "the", "image"] + [f"w{i}" for i in range(200)],
-                                                 image_size=224, patch_size=32))
+    return build_tiny_llava(
+        out,
+        TinyLlavaConfig(
+            words=["describe", "the", "image"] + [f"w{i}" for i in range(200)], image_size=224, patch_size=32
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ def prefix_sdpa_attention(
         key = torch.cat([prefix_k.to(key.dtype), key], dim=2)  # [B, H, P+Tk, hd]
         value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
         bias = prefix_bias.to(query.dtype)[:, None, None, :].expand(batch, 1, q_len, -1)  # [B, 1, Tq, P]
-        own = attention_mask if attention_mask is not None else bias.new_zeros(batch, 1, q_len, key.shape[2] - bias.shape[-1])
+        own = (
+            attention_mask
+            if attention_mask is not None
+            else bias.new_zeros(batch, 1, q_len, key.shape[2] - bias.shape[-1])
+        )
         attention_mask = torch.cat([bias, own.to(bias.dtype)], dim=-1)  # [B, 1, Tq, P+Tk]
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -20,7 +20,9 @@ MIN_HEADROOM = 64
 class GrowableLayer(DynamicLayer):
     """`DynamicLayer` with amortised O(new tokens) appends. Buffers are [B, H, capacity, hd]."""
 
-    def __init__(self, keys: Tensor | None = None, values: Tensor | None = None, headroom: int = MIN_HEADROOM):
+    def __init__(
+        self, keys: Tensor | None = None, values: Tensor | None = None, headroom: int = MIN_HEADROOM
+    ):
         super().__init__()
         self._key_buf: Tensor | None = None
         self._value_buf: Tensor | None = None

@@ -99,7 +99,11 @@ def project_features(model: nn.Module, features: Tensor, prefixes: Sequence[Bund
         weights[id(proj)] = proj
     if len(groups) == 1:
         (key,) = groups
-        return projector(features) if weights[key] is None else functional_call(projector, weights[key], (features,))
+        return (
+            projector(features)
+            if weights[key] is None
+            else functional_call(projector, weights[key], (features,))
+        )
     out: Tensor | None = None
     for key, rows in groups.items():
         idx = torch.tensor(rows, device=features.device)
@@ -156,7 +160,9 @@ class DecodeState:
             merged = []
             for attr in ("keys", "values"):
                 tensors = [getattr(s.cache.layers[layer_idx], attr) for s in states]
-                merged.append(torch.cat([nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors]))
+                merged.append(
+                    torch.cat([nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors])
+                )
             set_layer_states(layer, *merged)
         return DecodeState(base, torch.cat(masks), torch.cat([s.positions for s in states]))
 
@@ -192,24 +198,33 @@ def _prefix_cache(
     Without autograd (serving) the layers grow in place with `room` free positions (see `m2pt.cache`)."""
     from transformers import DynamicCache
 
-    parts = [None if r.prefix is None or r.prefix.text_k is None else (r.prefix.text_k, r.prefix.text_v) for r in rows]
+    parts = [
+        None if r.prefix is None or r.prefix.text_k is None else (r.prefix.text_k, r.prefix.text_v)
+        for r in rows
+    ]
     lengths = torch.tensor([0 if p is None else p[0].shape[2] for p in parts], device=like.device)
     stacked = _stack_prefixes(parts, like)
     cache = DynamicCache(config=model.config)
     mask = like.new_zeros(len(rows), 0, dtype=torch.long)
     if stacked is not None:
         keys, values, bias = stacked
-        cache = DynamicCache(ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config)
+        cache = DynamicCache(
+            ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config
+        )
         mask = (bias == 0).long()
     if not torch.is_grad_enabled():
         cache.layers = [
-            GrowableLayer(layer.keys, layer.values, headroom=room) if layer.is_initialized else GrowableLayer()
+            GrowableLayer(layer.keys, layer.values, headroom=room)
+            if layer.is_initialized
+            else GrowableLayer()
             for layer in cache.layers
         ]
     return cache, mask, lengths
 
 
-def prefill(model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False) -> tuple[Tensor, DecodeState]:
+def prefill(
+    model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False
+) -> tuple[Tensor, DecodeState]:
     """Run the prompt of every row. Returns logits ([B, V] of the last token, or [B, T, V] left-padded when
     `all_logits`) and the `DecodeState` to continue decoding from."""
     embeds, text_mask = _embed_rows(model, rows)
@@ -217,7 +232,11 @@ def prefill(model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False
     attention_mask = torch.cat([prefix_mask, text_mask], dim=1)  # [B, P+T]
     position_ids = (prefix_len[:, None] + text_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
     out = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
     )
     hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
     state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)  # the cache was filled in place

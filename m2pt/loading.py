@@ -29,7 +29,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu or auto")
+        raise ValueError(
+            f"--device {device} asked for, but torch sees no CUDA device; use --device cpu or auto"
+        )
     return torch.device(device)
 
 

@@ -61,7 +61,9 @@ class PromptTensors:
         return sum(t.numel() for t in self.parameters())
 
 
-def expected_shapes(spec: ModelSpec, text_len: int, visual_len: int, projector: bool) -> dict[str, tuple[int, ...]]:
+def expected_shapes(
+    spec: ModelSpec, text_len: int, visual_len: int, projector: bool
+) -> dict[str, tuple[int, ...]]:
     """The flat tensor names and shapes a bundle for `spec` must have."""
     shapes: dict[str, tuple[int, ...]] = {}
     if text_len:

@@ -21,7 +21,9 @@ COMMAND_PROVIDERS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2pt", description="Serve and train M²PT prompt bundles on a frozen LLaVA.")
+    parser = argparse.ArgumentParser(
+        prog="m2pt", description="Serve and train M²PT prompt bundles on a frozen LLaVA."
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ...)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name, func_name in COMMAND_PROVIDERS:
@@ -32,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     result = args.func(args)
     return int(result or 0)
 

@@ -15,30 +15,50 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("m2pt_requests", "Finished requests", ["bundle", "status"], registry=r)
         self.finished = Counter(
-            "m2pt_engine_finished", "Requests the engine finished, by finish reason", ["bundle", "reason"], registry=r
+            "m2pt_engine_finished",
+            "Requests the engine finished, by finish reason",
+            ["bundle", "reason"],
+            registry=r,
         )
         self.queue_depth = Gauge("m2pt_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.running_batch_size = Gauge("m2pt_running_batch_size", "Rows in the running decode batch", registry=r)
+        self.running_batch_size = Gauge(
+            "m2pt_running_batch_size", "Rows in the running decode batch", registry=r
+        )
         self.time_to_first_token = Histogram(
             "m2pt_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
         )
         self.inter_token_latency = Histogram(
-            "m2pt_inter_token_latency_seconds", "Time between tokens of a request", buckets=LATENCY_BUCKETS, registry=r
+            "m2pt_inter_token_latency_seconds",
+            "Time between tokens of a request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.generated_tokens = Counter("m2pt_generated_tokens", "Tokens generated", ["bundle"], registry=r)
         self.prompt_tokens = Counter("m2pt_prompt_tokens", "Prompt tokens prefilled", ["bundle"], registry=r)
         self.step_seconds = Histogram(
-            "m2pt_engine_step_seconds", "Engine loop time by phase (prefill of new rows, one decode step)", ["phase"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "m2pt_engine_step_seconds",
+            "Engine loop time by phase (prefill of new rows, one decode step)",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.bundle_loads = Counter("m2pt_bundle_loads", "Bundles loaded onto the device", registry=r)
-        self.bundle_evictions = Counter("m2pt_bundle_evictions", "Bundles evicted from the device", registry=r)
+        self.bundle_evictions = Counter(
+            "m2pt_bundle_evictions", "Bundles evicted from the device", registry=r
+        )
         self.bundle_load_seconds = Histogram(
-            "m2pt_bundle_load_seconds", "Read + validate + precompute time of a bundle", buckets=LATENCY_BUCKETS, registry=r
+            "m2pt_bundle_load_seconds",
+            "Read + validate + precompute time of a bundle",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.resident_bundles = Gauge("m2pt_resident_bundles", "Bundles resident on the device", registry=r)
-        self.image_cache_hits = Counter("m2pt_image_feature_cache_hits", "Image-feature cache hits", registry=r)
-        self.image_cache_misses = Counter("m2pt_image_feature_cache_misses", "Image-feature cache misses", registry=r)
+        self.image_cache_hits = Counter(
+            "m2pt_image_feature_cache_hits", "Image-feature cache hits", registry=r
+        )
+        self.image_cache_misses = Counter(
+            "m2pt_image_feature_cache_misses", "Image-feature cache misses", registry=r
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -17,5 +17,7 @@ def strong_prompts(tiny, text_len: int, visual_len: int, projector: bool, seed: 
     if prompts.visual is not None:
         prompts.visual = prompts.visual * 40
     if prompts.projector is not None:
-        prompts.projector = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()}
+        prompts.projector = {
+            k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()
+        }
     return prompts

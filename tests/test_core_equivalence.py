@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompt_helpers import strong_prompts
 
 from m2pt.forward import DecodeState, RowInput, decode_step, encode_images, prefill, select_image_features
 from m2pt.prefix import compute_prefix
 from m2pt.prompts import PromptTensors
-from prompt_helpers import strong_prompts
 
 ATOL = 1e-5
 
@@ -62,7 +62,10 @@ def reference_logits(tiny, ids, pixels, prompts: PromptTensors | None):
 
             return hook
 
-        hooks = [layer.register_forward_pre_hook(overwrite(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+        hooks = [
+            layer.register_forward_pre_hook(overwrite(i), with_kwargs=True)
+            for i, layer in enumerate(lm.layers)
+        ]
     try:
         positions = torch.arange(embeds.shape[1])[None]
         out = lm(inputs_embeds=embeds, position_ids=positions, use_cache=False)
@@ -91,7 +94,9 @@ def test_prefix_kv_equals_official_overwrite(tiny, text_len, visual_len, project
         ours = ours_logits(tiny, ids, pixels, prompts)
         base = reference_logits(tiny, ids, pixels, None)
     assert torch.allclose(ours, ref, atol=ATOL), (ours - ref).abs().max()
-    assert (ref - base).abs().max() > 1e-2, "the prompts must change the output for this test to mean anything"
+    assert (ref - base).abs().max() > 1e-2, (
+        "the prompts must change the output for this test to mean anything"
+    )
 
 
 def test_no_bundle_row_equals_unmodified_hf_model(tiny):
@@ -114,9 +119,19 @@ def greedy_alone(tiny, ids, pixels, prefix, steps):
 
 def test_mixed_batch_equals_each_row_alone(tiny):
     """Five different bundles (different Lt, Lv, projector or not) + a no-bundle row, different lengths, one batch."""
-    bundles = [compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS)]
+    bundles = [
+        compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i))
+        for i, (lt, lv, pj) in enumerate(VARIANTS)
+    ]
     prefixes = [*bundles, None]
-    sentences = [["what"], ["what", "is", "this"], ["digit", "?"], ["is", "this", "digit", "?", "what"], ["this"], ["what", "is"]]
+    sentences = [
+        ["what"],
+        ["what", "is", "this"],
+        ["digit", "?"],
+        ["is", "this", "digit", "?", "what"],
+        ["this"],
+        ["what", "is"],
+    ]
     rows = [make_row_tokens(tiny, words, seed=10 + i) for i, words in enumerate(sentences)]
     steps = 8
     with torch.no_grad():
@@ -139,8 +154,14 @@ def test_mixed_batch_equals_each_row_alone(tiny):
 
 def test_rows_join_and_leave_between_decode_steps(tiny):
     """Continuous batching on DecodeState: merge a newly prefilled batch in, drop a finished row, results unchanged."""
-    prefixes = [compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i)) for i, (lt, lv, pj) in enumerate(VARIANTS[:3])]
-    rows = [make_row_tokens(tiny, w, seed=20 + i) for i, w in enumerate([["what"], ["is", "this", "digit"], ["digit"]])]
+    prefixes = [
+        compute_prefix(tiny.model, strong_prompts(tiny, lt, lv, pj, seed=i))
+        for i, (lt, lv, pj) in enumerate(VARIANTS[:3])
+    ]
+    rows = [
+        make_row_tokens(tiny, w, seed=20 + i)
+        for i, w in enumerate([["what"], ["is", "this", "digit"], ["digit"]])
+    ]
     with torch.no_grad():
         alone = [greedy_alone(tiny, ids, px, pre, 6)[1] for (ids, px), pre in zip(rows, prefixes)]
 
@@ -212,7 +233,9 @@ def test_bfloat16_mixed_batch_tracks_float32(tiny, tiny_model_dir):
             prefix = compute_prefix(frozen.model, prompts)
             prefixes = [prefix, None, prefix]
             feats = encode_images(frozen.model, torch.stack([px for _, px in rows]), prefixes)
-            logits, _ = prefill(frozen.model, [RowInput(ids, feats[i], prefixes[i]) for i, (ids, _) in enumerate(rows)])
+            logits, _ = prefill(
+                frozen.model, [RowInput(ids, feats[i], prefixes[i]) for i, (ids, _) in enumerate(rows)]
+            )
         out[frozen.dtype] = logits.float()
     assert out[torch.bfloat16].dtype == torch.float32 and half.model.dtype == torch.bfloat16
     assert (out[torch.bfloat16] - out[torch.float32]).abs().max() < 0.02

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.scheduler import QueueFull, Scheduler, ScheduledSeq
+from server.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
 
 
 class FakeClock:

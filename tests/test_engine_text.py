@@ -25,7 +25,9 @@ def run(tok, stop=(), extra=()):
 
 def test_deltas_concatenate_to_the_full_decode(tok):
     deltas, text = run(tok, extra=[2, 0])  # EOS and pad are special: they add no text
-    assert "".join(deltas) + text.flush() == tok.decode(tok.convert_tokens_to_ids(WORDS), skip_special_tokens=True)
+    assert "".join(deltas) + text.flush() == tok.decode(
+        tok.convert_tokens_to_ids(WORDS), skip_special_tokens=True
+    )
     assert all(d for d in deltas[: len(WORDS)])  # a word-level tokenizer yields text at every token
 
 
@@ -56,7 +58,9 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[10.0, 9.0, -10.0, -10.0]])
     params = [SamplingParams(temperature=1.0, top_p=0.5, seed=1)]
-    picks = {sample_batch(logits, params, [make_generator(params[0], torch.device("cpu"))])[0] for _ in range(1)}
+    picks = {
+        sample_batch(logits, params, [make_generator(params[0], torch.device("cpu"))])[0] for _ in range(1)
+    }
     gen = make_generator(params[0], torch.device("cpu"))
     picks |= {sample_batch(logits, params, [gen])[0] for _ in range(50)}
     assert picks == {0}  # token 0 alone holds > 50 % of the mass

@@ -9,27 +9,37 @@ import json
 
 import httpx
 import pytest
-from pydantic import SecretStr
-
 from api_fakes import LiveServer, png_data_uri, wait_until
 from prompt_helpers import strong_prompts
+from pydantic import SecretStr
+
 from prompts_store.format import save_bundle
 from prompts_store.store import BundleStore
 
 OPS = "ops-token-for-tests"
-VARIANTS = {"alpha": (3, 2, True), "beta": (4, 0, False), "gamma": (0, 3, False), "delta": (2, 2, True), "eps": (5, 1, True)}
+VARIANTS = {
+    "alpha": (3, 2, True),
+    "beta": (4, 0, False),
+    "gamma": (0, 3, False),
+    "delta": (2, 2, True),
+    "eps": (5, 1, True),
+}
 
 
 def publish(store: BundleStore, tiny, tmp_path, name: str, variant, seed: int) -> str:
     src = tmp_path / f"src-{name}-{seed}"
-    save_bundle(src, strong_prompts(tiny, *variant, seed=seed), tiny.spec, name, provenance={"dataset": "test"})
+    save_bundle(
+        src, strong_prompts(tiny, *variant, seed=seed), tiny.spec, name, provenance={"dataset": "test"}
+    )
     return store.publish(src, name).label
 
 
 def make_settings(model_dir, store_dir, **overrides):
     from server.settings import Settings
 
-    return Settings(model=str(model_dir), store=store_dir, ops_token=SecretStr(OPS), max_tokens_limit=400, **overrides)
+    return Settings(
+        model=str(model_dir), store=store_dir, ops_token=SecretStr(OPS), max_tokens_limit=400, **overrides
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,13 @@ def live(tiny_model_dir, store_dir):
 
 
 def chat(url, bundle, seed, **extra):
-    body = {"bundle": bundle, "instruction": "what is this digit ?", "image": png_data_uri((16 + seed, 16)),
-            "max_tokens": 12, **extra}
+    body = {
+        "bundle": bundle,
+        "instruction": "what is this digit ?",
+        "image": png_data_uri((16 + seed, 16)),
+        "max_tokens": 12,
+        **extra,
+    }
     return httpx.post(url + "/v1/chat", json=body, timeout=60)
 
 
@@ -63,16 +78,27 @@ def test_concurrent_mixed_bundle_requests_equal_lone_requests(live):
         together = list(pool.map(lambda c: chat(live.url, *c).json(), cases))
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert [r["bundle"] for r in together] == [None if b is None else f"{b}@v1" for b, _ in cases]
-    assert len({r["text"] for r in alone}) >= 4, "bundles must change the output for this test to mean anything"
+    assert len({r["text"] for r in alone}) >= 4, (
+        "bundles must change the output for this test to mean anything"
+    )
     metrics = httpx.get(live.url + "/metrics").text
     assert 'm2pt_generated_tokens_total{bundle="alpha@v1"}' in metrics
 
 
 def test_streaming_and_non_streaming_give_the_same_text(live):
     plain = chat(live.url, "beta", 3).json()
-    with httpx.stream("POST", live.url + "/v1/chat", json={
-        "bundle": "beta", "instruction": "what is this digit ?", "image": png_data_uri((19, 16)), "max_tokens": 12,
-        "stream": True}, timeout=60) as resp:
+    with httpx.stream(
+        "POST",
+        live.url + "/v1/chat",
+        json={
+            "bundle": "beta",
+            "instruction": "what is this digit ?",
+            "image": png_data_uri((19, 16)),
+            "max_tokens": 12,
+            "stream": True,
+        },
+        timeout=60,
+    ) as resp:
         assert resp.status_code == 200
         lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
@@ -85,11 +111,19 @@ def test_openai_client_streaming_matches_non_streaming(live):
     from openai import OpenAI
 
     client = OpenAI(base_url=live.url + "/v1", api_key="unused")
-    messages = [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": png_data_uri((20, 16))}},
-        {"type": "text", "text": "what is this digit ?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_uri((20, 16))}},
+                {"type": "text", "text": "what is this digit ?"},
+            ],
+        }
+    ]
     full = client.chat.completions.create(model="delta", messages=messages, max_tokens=10, temperature=0)
-    pieces = client.chat.completions.create(model="delta", messages=messages, max_tokens=10, temperature=0, stream=True)
+    pieces = client.chat.completions.create(
+        model="delta", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
     assert streamed == full.choices[0].message.content
     models = {m.id for m in client.models.list()}
@@ -100,8 +134,11 @@ def test_unknown_bundle_is_404_never_the_base_model(live):
     resp = chat(live.url, "no-such-bundle", 1)
     assert resp.status_code == 404
     assert "no-such-bundle" in resp.json()["error"]["message"]
-    resp = httpx.post(live.url + "/v1/chat/completions", json={
-        "model": "alpha@v99", "messages": [{"role": "user", "content": "what is this digit ?"}]}, timeout=30)
+    resp = httpx.post(
+        live.url + "/v1/chat/completions",
+        json={"model": "alpha@v99", "messages": [{"role": "user", "content": "what is this digit ?"}]},
+        timeout=30,
+    )
     assert resp.status_code == 404
     assert "v99" in resp.json()["error"]["message"] and "alpha" in resp.json()["error"]["message"]
     assert chat(live.url, "alpha", 1).status_code == 200  # and the server goes on serving
@@ -116,8 +153,15 @@ def test_metrics_reflect_the_traffic(live):
     def value(text, prefix):
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
-    assert value(after, 'm2pt_engine_finished_total{bundle="eps@v1"') - value(before, 'm2pt_engine_finished_total{bundle="eps@v1"') == 3
-    assert value(after, "m2pt_time_to_first_token_seconds_count") >= value(before, "m2pt_time_to_first_token_seconds_count") + 3
+    assert (
+        value(after, 'm2pt_engine_finished_total{bundle="eps@v1"')
+        - value(before, 'm2pt_engine_finished_total{bundle="eps@v1"')
+        == 3
+    )
+    assert (
+        value(after, "m2pt_time_to_first_token_seconds_count")
+        >= value(before, "m2pt_time_to_first_token_seconds_count") + 3
+    )
     assert value(after, "m2pt_bundle_loads_total") >= 1
     assert "m2pt_queue_depth" in after and "m2pt_running_batch_size" in after
 
@@ -149,8 +193,11 @@ VERY_LONG = {**LONG, "max_tokens": 60000}
 
 def finished(url, reason):
     text = httpx.get(url + "/metrics").text
-    return sum(float(l.split()[-1]) for l in text.splitlines()
-               if l.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in l)
+    return sum(
+        float(l.split()[-1])
+        for l in text.splitlines()
+        if l.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in l
+    )
 
 
 def test_client_disconnect_frees_its_slot(tight):
@@ -164,12 +211,19 @@ def test_client_disconnect_frees_its_slot(tight):
 
 
 def test_full_queue_answers_429_with_retry_after(tight):
-    with httpx.Client(timeout=60) as client, client.stream("POST", tight.url + "/v1/chat", json=VERY_LONG) as first:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", tight.url + "/v1/chat", json=VERY_LONG) as first,
+    ):
         lines = first.iter_lines()  # keep the iterator: a dropped one closes the connection
         next(lines)  # the request runs: it occupies the one slot
         with futures.ThreadPoolExecutor(1) as pool:
-            queued = pool.submit(lambda: chat(tight.url, None, 1, max_tokens=3))  # waits in the one queue place
-            assert wait_until(lambda: "m2pt_queue_depth 1.0" in httpx.get(tight.url + "/metrics").text, timeout=20)
+            queued = pool.submit(
+                lambda: chat(tight.url, None, 1, max_tokens=3)
+            )  # waits in the one queue place
+            assert wait_until(
+                lambda: "m2pt_queue_depth 1.0" in httpx.get(tight.url + "/metrics").text, timeout=20
+            )
             rejected = chat(tight.url, None, 2)
             assert rejected.status_code in (429, 503)
             assert rejected.headers["retry-after"].isdigit()
@@ -181,10 +235,18 @@ def test_full_queue_answers_429_with_retry_after(tight):
 
 # ---------------------------------------------------------------- hot swap and delete through the ops API
 def upload(url, bundle_dir, name=None):
-    files = {"manifest": ("manifest.json", (bundle_dir / "manifest.json").read_bytes(), "application/json"),
-             "tensors": ("tensors.safetensors", (bundle_dir / "tensors.safetensors").read_bytes(), "application/octet-stream")}
+    files = {
+        "manifest": ("manifest.json", (bundle_dir / "manifest.json").read_bytes(), "application/json"),
+        "tensors": (
+            "tensors.safetensors",
+            (bundle_dir / "tensors.safetensors").read_bytes(),
+            "application/octet-stream",
+        ),
+    }
     data = {"name": name} if name else {}
-    return httpx.post(url + "/v1/bundles", files=files, data=data, headers={"Authorization": f"Bearer {OPS}"}, timeout=60)
+    return httpx.post(
+        url + "/v1/bundles", files=files, data=data, headers={"Authorization": f"Bearer {OPS}"}, timeout=60
+    )
 
 
 def long_chat_in_background(pool, url, bundle):
@@ -207,11 +269,16 @@ def test_upload_v2_while_a_v1_request_runs(live, tiny, tmp_path):
     save_bundle(v1_dir, strong_prompts(tiny, 3, 2, True, seed=40), tiny.spec, "swap")
     save_bundle(v2_dir, strong_prompts(tiny, 3, 2, True, seed=41), tiny.spec, "swap")
     assert upload(live.url, v1_dir).status_code == 201
-    lone_v1 = httpx.post(live.url + "/v1/chat", json={**LONG, "bundle": "swap", "max_tokens": 300, "stream": False},
-                         timeout=120).json()["text"]
+    lone_v1 = httpx.post(
+        live.url + "/v1/chat",
+        json={**LONG, "bundle": "swap", "max_tokens": 300, "stream": False},
+        timeout=120,
+    ).json()["text"]
     with futures.ThreadPoolExecutor(1) as pool:
         running = long_chat_in_background(pool, live.url, "swap")
-        assert wait_until(lambda: "m2pt_running_batch_size 1.0" in httpx.get(live.url + "/metrics").text, timeout=20)
+        assert wait_until(
+            lambda: "m2pt_running_batch_size 1.0" in httpx.get(live.url + "/metrics").text, timeout=20
+        )
         resp = upload(live.url, v2_dir)
         assert resp.status_code == 201, resp.text
         new = chat(live.url, "swap", 5)
@@ -227,8 +294,12 @@ def test_delete_while_a_request_uses_the_bundle(live, tiny, tmp_path):
     assert upload(live.url, src).status_code == 201
     with futures.ThreadPoolExecutor(1) as pool:
         running = long_chat_in_background(pool, live.url, "doomed")
-        assert wait_until(lambda: "m2pt_running_batch_size 1.0" in httpx.get(live.url + "/metrics").text, timeout=20)
-        resp = httpx.delete(live.url + "/v1/bundles/doomed", headers={"Authorization": f"Bearer {OPS}"}, timeout=30)
+        assert wait_until(
+            lambda: "m2pt_running_batch_size 1.0" in httpx.get(live.url + "/metrics").text, timeout=20
+        )
+        resp = httpx.delete(
+            live.url + "/v1/bundles/doomed", headers={"Authorization": f"Bearer {OPS}"}, timeout=30
+        )
         assert resp.status_code == 200, resp.text
         after = chat(live.url, "doomed", 1)
         assert after.status_code == 404

@@ -40,7 +40,9 @@ BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
 class TinyLlavaConfig:
     """Sizes of a tiny LLaVA. The defaults build a ~0.2 M parameter model for unit tests."""
 
-    words: list[str] = field(default_factory=lambda: [str(d) for d in range(10)] + ["what", "is", "this", "digit"])
+    words: list[str] = field(
+        default_factory=lambda: [str(d) for d in range(10)] + ["what", "is", "this", "digit"]
+    )
     image_size: int = 16
     patch_size: int = 8
     vit_dim: int = 32
@@ -51,7 +53,9 @@ class TinyLlavaConfig:
     llm_layers: int = 2
     llm_heads: int = 4
     llm_kv_heads: int = 2
-    llm_head_dim: int | None = None  # default llm_dim // llm_heads; set it to decouple width from attention cost
+    llm_head_dim: int | None = (
+        None  # default llm_dim // llm_heads; set it to decouple width from attention cost
+    )
     llm_mlp: int = 128
     select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     max_positions: int = 512
@@ -71,7 +75,9 @@ def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -105,20 +111,37 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
-        hidden_size=cfg.vit_dim, intermediate_size=cfg.vit_mlp, num_hidden_layers=cfg.vit_layers,
-        num_attention_heads=cfg.vit_heads, image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vit_dim,
+        hidden_size=cfg.vit_dim,
+        intermediate_size=cfg.vit_mlp,
+        num_hidden_layers=cfg.vit_layers,
+        num_attention_heads=cfg.vit_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        projection_dim=cfg.vit_dim,
     )
     text = LlamaConfig(
-        hidden_size=cfg.llm_dim, intermediate_size=cfg.llm_mlp, num_hidden_layers=cfg.llm_layers,
-        num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads, vocab_size=vocab_size,
-        max_position_embeddings=cfg.max_positions, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
+        hidden_size=cfg.llm_dim,
+        intermediate_size=cfg.llm_mlp,
+        num_hidden_layers=cfg.llm_layers,
+        num_attention_heads=cfg.llm_heads,
+        num_key_value_heads=cfg.llm_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=cfg.max_positions,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
     )
     patches = (cfg.image_size // cfg.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_ID,
         image_seq_length=patches + (0 if cfg.select_strategy == "default" else 1),
-        vision_feature_select_strategy=cfg.select_strategy, vision_feature_layer=-1, projector_hidden_act="gelu",
+        vision_feature_select_strategy=cfg.select_strategy,
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
@@ -140,5 +163,10 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, mo
     model = model if model is not None else build_model(cfg, len(vocab))
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    log.info("wrote tiny LLaVA (%d params, vocab %d) to %s", sum(p.numel() for p in model.parameters()), len(vocab), out)
+    log.info(
+        "wrote tiny LLaVA (%d params, vocab %d) to %s",
+        sum(p.numel() for p in model.parameters()),
+        len(vocab),
+        out,
+    )
     return out

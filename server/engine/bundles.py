@@ -77,7 +77,9 @@ class BundleResidency:
                 self._entries[key] = entry
                 self._evict_over_capacity()
             self._observe_load(elapsed)
-            log.info("loaded bundle %s (%s, %.1f KiB) in %.3f s", ref.label, key[:19], entry.nbytes / 1024, elapsed)
+            log.info(
+                "loaded bundle %s (%s, %.1f KiB) in %.3f s", ref.label, key[:19], entry.nbytes / 1024, elapsed
+            )
             future.set_result(None)
             return entry
         except BaseException as exc:

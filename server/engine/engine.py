@@ -26,7 +26,7 @@ from server.engine.errors import EngineNotReadyError, QueueFullError
 from server.engine.preprocess import Preprocessor
 from server.engine.runner import ModelRunner, PreparedRow
 from server.engine.sampling import make_generator, sample_batch
-from server.engine.scheduler import QueueFull, Scheduler, ScheduledSeq
+from server.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
 from server.engine.text import IncrementalText
 from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
 
@@ -72,14 +72,24 @@ class LiveSeq:
 class Engine:
     """Implements `server.engine.client.EngineClient` on a real model."""
 
-    def __init__(self, frozen, store, config: EngineConfig, metrics=None, bundle_limits=None, model_id: str | None = None):
+    def __init__(
+        self,
+        frozen,
+        store,
+        config: EngineConfig,
+        metrics=None,
+        bundle_limits=None,
+        model_id: str | None = None,
+    ):
         self.frozen, self.store, self.config, self.metrics = frozen, store, config, metrics
         self._model_id = model_id or frozen.spec.model_id
         # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
         self.spec = dataclasses.replace(frozen.spec, model_id=self._model_id)
         self.bundle_limits = bundle_limits
         self.runner = ModelRunner(frozen, config.image_cache_size, metrics)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_bundles_per_batch, config.max_prefill_rows)
+        self.scheduler = Scheduler(
+            config.max_batch_size, config.max_queue, config.max_bundles_per_batch, config.max_prefill_rows
+        )
         self.residency = BundleResidency(self._load_prefix, config.max_resident_bundles, metrics)
         self.preprocessor = Preprocessor(frozen)
         self._seqs: dict[str, LiveSeq] = {}  # every queued or running request (API + loop threads)
@@ -93,11 +103,17 @@ class Engine:
     def from_settings(cls, settings, metrics=None) -> Engine:
         """Load the model named by `settings.model` and open `settings.store` (blocking; call from the lifespan)."""
         from m2pt.loading import load_frozen_llava
-        from server.engine.wiring import engine_config_from_settings, open_store_from_settings, served_model_id
+        from server.engine.wiring import (
+            engine_config_from_settings,
+            open_store_from_settings,
+            served_model_id,
+        )
 
         store, limits = open_store_from_settings(settings)  # checks paths before the (slow) model load
         frozen = load_frozen_llava(str(settings.model), device=settings.device, dtype=settings.dtype)
-        return cls(frozen, store, engine_config_from_settings(settings), metrics, limits, served_model_id(settings))
+        return cls(
+            frozen, store, engine_config_from_settings(settings), metrics, limits, served_model_id(settings)
+        )
 
     @property
     def ready(self) -> bool:
@@ -203,7 +219,9 @@ class Engine:
             self._finish(self._lookup(sched.request_id), "abort")
         for sched in out.expired:
             self._finish(self._lookup(sched.request_id), "timeout")
-        admitted = [seq for s in out.admit if (seq := self._lookup(s.request_id)) is not None and not seq.done]
+        admitted = [
+            seq for s in out.admit if (seq := self._lookup(s.request_id)) is not None and not seq.done
+        ]
         if admitted:
             started = time.perf_counter()
             logits = self.runner.prefill([s.row for s in admitted])
@@ -277,7 +295,12 @@ class Engine:
     # ------------------------------------------------------------------ helpers
     def _event(self, seq: LiveSeq, text: str, finish: str | None) -> StreamEvent:
         return StreamEvent(
-            seq.request.request_id, text, finish, int(seq.row.input_ids.shape[0]), len(seq.tokens), seq.bundle_label
+            seq.request.request_id,
+            text,
+            finish,
+            int(seq.row.input_ids.shape[0]),
+            len(seq.tokens),
+            seq.bundle_label,
         )
 
     def _observe_token(self, seq: LiveSeq, now: float) -> None:
@@ -297,7 +320,9 @@ class Engine:
     def _count_prompt_tokens(self, seqs: list[LiveSeq]) -> None:
         if self.metrics is not None:
             for seq in seqs:
-                self.metrics.prompt_tokens.labels(seq.bundle_label or "none").inc(int(seq.row.input_ids.shape[0]))
+                self.metrics.prompt_tokens.labels(seq.bundle_label or "none").inc(
+                    int(seq.row.input_ids.shape[0])
+                )
 
     def _set_gauges(self) -> None:
         if self.metrics is not None:

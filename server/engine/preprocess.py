@@ -36,14 +36,20 @@ class Preprocessor:
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         eos = frozen.model.generation_config.eos_token_id
         eos_list = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = frozenset(int(e) for e in [*eos_list, self.processor.tokenizer.eos_token_id] if e is not None)
+        self.eos_ids = frozenset(
+            int(e) for e in [*eos_list, self.processor.tokenizer.eos_token_id] if e is not None
+        )
 
     def prepare(self, request: GenerationRequest, entry) -> PreparedRow:
         """Raises `InvalidRequestError` (image parts ≠ images) or `PromptTooLongError` (context overflow)."""
         n_parts = count_image_parts(request.messages)
         if n_parts != len(request.images):
-            raise InvalidRequestError(f"{n_parts} image parts in the messages but {len(request.images)} images given")
-        text = self.processor.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            raise InvalidRequestError(
+                f"{n_parts} image parts in the messages but {len(request.images)} images given"
+            )
+        text = self.processor.apply_chat_template(
+            request.messages, add_generation_prompt=True, tokenize=False
+        )
         if request.images:
             encoded = self.processor(images=request.images, text=text, return_tensors="pt")
             pixel_values = encoded["pixel_values"]  # [n_images, 3, H, W]

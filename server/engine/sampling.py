@@ -31,9 +31,12 @@ def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def sample_batch(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     """logits [B, V] -> B token ids. Greedy rows share one argmax."""
     greedy = logits.argmax(-1).tolist()
     return [
-        greedy[row] if p.temperature == 0 else sample_row(logits[row], p, generators[row]) for row, p in enumerate(params)
+        greedy[row] if p.temperature == 0 else sample_row(logits[row], p, generators[row])
+        for row, p in enumerate(params)
     ]

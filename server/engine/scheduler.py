@@ -106,7 +106,11 @@ class Scheduler:
             expired, aborted = self._drop_finished(now)
             admit: list[ScheduledSeq] = []
             bundles = {s.bundle_key for s in self._running.values()}
-            while self._waiting and len(self._running) < self.max_batch_size and len(admit) < self.max_prefill_rows:
+            while (
+                self._waiting
+                and len(self._running) < self.max_batch_size
+                and len(admit) < self.max_prefill_rows
+            ):
                 head = self._waiting[0]
                 if not self._bundle_fits(bundles, head.bundle_key):
                     break
