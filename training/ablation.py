@@ -165,8 +165,10 @@ def markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         )
     lines += [
         "",
-        f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, "
-        f"{args.prompt_len} prompt tokens per layer.",
+        (
+            f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, "
+            f"{args.prompt_len} prompt tokens per layer."
+        ),
         "",
         "Rerun (writes this file, `docs/ablation.json` and `docs/ablation.png`):",
         "",

@@ -119,7 +119,7 @@ def _validate(model, batches: list, tasks_per_row: list[str]) -> dict[str, float
             ).logits  # [B, T, V]
             hits += sequence_loss_and_hits(logits, batch.labels)[1].tolist()
     model.train()
-    out = {t: 0.0 for t in dict.fromkeys(tasks_per_row)}
+    out = dict.fromkeys(dict.fromkeys(tasks_per_row), 0.0)
     for task in out:
         rows = [h for h, t in zip(hits, tasks_per_row, strict=True) if t == task]
         out[task] = sum(rows) / len(rows)
