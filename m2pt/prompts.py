@@ -54,7 +54,8 @@ class PromptTensors:
     def parameters(self) -> list[Tensor]:
         """Every tensor, in a fixed order (text, visual, projector by name)."""
         out = [t for t in (self.text, self.visual) if t is not None]
-        out += [self.projector[k] for k in sorted(self.projector or {})]
+        projector = self.projector or {}
+        out += [projector[k] for k in sorted(projector)]
         return out
 
     def num_parameters(self) -> int:
