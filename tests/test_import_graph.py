@@ -154,17 +154,35 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, modules) -> list[str]:
+def _wanted(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, modules) -> list[str]:
+    """The module names an import statement loads (`from pkg import name`: `pkg.name` if a module, else `pkg`)."""
     if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-    else:
-        base = node.module or ""
-        if node.level:
-            anchor = importer.split(".") if is_package else importer.split(".")[:-1]
-            anchor = anchor[: len(anchor) - (node.level - 1)]
-            base = ".".join(anchor + ([base] if base else []))
-        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-    return [t for t in (_known(n, modules) for n in names) if t is not None]
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:
+        anchor = importer.split(".") if is_package else importer.split(".")[:-1]
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join(anchor + ([base] if base else []))
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+
+
+def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, modules) -> list[str]:
+    return [
+        t for t in (_known(n, modules) for n in _wanted(node, importer, is_package, modules)) if t is not None
+    ]
+
+
+def missing_modules(root: Path, packages: list[str]) -> list[str]:
+    """Imports of our packages that name no module we have (a stale path after a move, say)."""
+    modules = module_files(root, packages)
+    out = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node, _ in _imports(tree):
+            for wanted in _wanted(node, name, path.name == "__init__.py", modules):
+                if wanted.split(".")[0] in packages and wanted not in modules:
+                    out.append(f"{name} (line {node.lineno}) imports {wanted}, which does not exist")
+    return out
 
 
 def import_edges(root: Path, packages: list[str]) -> list[Edge]:
@@ -258,6 +276,10 @@ def test_every_module_is_in_a_layer():
     assert [m for m in modules if rule_for(m) is None] == []
 
 
+def test_every_import_of_ours_names_a_module():
+    assert missing_modules(ROOT, shipped_roots()) == []
+
+
 def test_imports_follow_the_layers(edges):
     tolerated = ALLOWED_EDGES | TEMPORARY_ENGINE_EDGES
     bad = [
@@ -302,7 +324,7 @@ def test_the_checker_finds_lazy_relative_and_type_only_imports(tmp_path):
             "m2pt/c.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from prompts_store import d\n",
             "prompts_store/__init__.py": "",
             "prompts_store/d.py": "from .e import thing\nimport m2pt.c\n",
-            "prompts_store/e.py": "def thing():\n    from ..server import api\n",
+            "prompts_store/e.py": "def thing():\n    from ..server import api\n    import m2pt.gone\n",
             "server/__init__.py": "",
             "server/api.py": "",
         },
@@ -319,3 +341,6 @@ def test_the_checker_finds_lazy_relative_and_type_only_imports(tmp_path):
     assert cycles(found) == [frozenset({"m2pt.a", "m2pt.b"})]  # m2pt.c <-> prompts_store.d is type-only
     bad = {(e.importer, e.imported) for e, _ in violations(found)}
     assert bad == {("m2pt.c", "prompts_store.d"), ("prompts_store.e", "server.api")}
+    assert missing_modules(tmp_path, ["m2pt", "prompts_store", "server"]) == [
+        "prompts_store.e (line 3) imports m2pt.gone, which does not exist"
+    ]

@@ -1,6 +1,6 @@
-"""`m2pt train` and `m2pt train-ablation`: argparse wiring for the trainer and the digits ablation.
+"""`m2pt train`: argparse wiring for the trainer (`m2pt train-ablation` is the demo's: `training.demo.ablation`).
 
-`add_train_commands(subparsers)` registers both subcommands on the `m2pt` parser; `python -m training ARGS`
+`add_train_commands(subparsers)` registers the subcommand on the `m2pt` parser; `python -m training ARGS`
 (also under `torchrun --nproc-per-node N -m training ARGS`) runs `m2pt train ARGS` without the other packages'
 commands. torch and transformers are imported inside the command functions, never at import time. Errors the
 user can fix (bad data, bad options, unreachable server) end with a one-line message and exit status 2, not a
@@ -158,14 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ablation(args: argparse.Namespace) -> int:
-    from training.ablation import main_from_args
-
-    return main_from_args(args)
-
-
 def add_train_commands(subparsers) -> None:
-    """Register `train` and `train-ablation` on the `m2pt` subparsers."""
+    """Register `train` on the `m2pt` subparsers."""
     p = subparsers.add_parser(
         "train",
         help="prompt-tune a frozen LLaVA with M²PT and export a bundle",
@@ -174,15 +168,6 @@ def add_train_commands(subparsers) -> None:
     )
     add_train_arguments(p)
     p.set_defaults(func=run_train)
-    from training.ablation import add_ablation_arguments
-
-    a = subparsers.add_parser(
-        "train-ablation",
-        help="digits ablation: base vs textual vs visual vs M²PT",
-        description="Train the ablation variants on digits and write docs/ablation.{md,png}.",
-    )
-    add_ablation_arguments(a)
-    a.set_defaults(func=run_ablation)
 
 
 def main(argv: list[str] | None = None) -> int:
