@@ -24,20 +24,23 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Mount
 
-from m2pt.spec import ModelSpec
-from prompts_store.store import BundleStore
 from server.api import routes_chat, routes_health, routes_openai, routes_ops
 from server.api.deps import AUTH_DEPENDENCIES
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.metrics import ServerMetrics
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from m2pt.spec import ModelSpec
+    from prompts_store.store import BundleStore
 
 log = logging.getLogger(__name__)
 

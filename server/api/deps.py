@@ -20,17 +20,21 @@ which a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlis
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from m2pt.spec import ModelSpec
-from prompts_store.limits import BundleLimits
-from prompts_store.store import BundleStore
 from server.api.errors import AuthError, ForbiddenError
 from server.engine.errors import EngineNotReadyError
 from server.settings import Settings
+
+if (
+    TYPE_CHECKING
+):  # types only: importing the store pulls in torch, which the HTTP layer does not need to import
+    from m2pt.spec import ModelSpec
+    from prompts_store.limits import BundleLimits
+    from prompts_store.store import BundleStore
 
 _STARTING = "the server is still starting (loading the model); retry when /ready answers 200"
 
@@ -84,9 +88,9 @@ def get_bundle_limits(request: Request) -> BundleLimits:
     return request.app.state.bundle_limits
 
 
-StoreDep = Annotated[BundleStore, Depends(get_store)]
-SpecDep = Annotated[ModelSpec, Depends(get_served_spec)]
-LimitsDep = Annotated[BundleLimits, Depends(get_bundle_limits)]
+StoreDep = Annotated["BundleStore", Depends(get_store)]
+SpecDep = Annotated["ModelSpec", Depends(get_served_spec)]
+LimitsDep = Annotated["BundleLimits", Depends(get_bundle_limits)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

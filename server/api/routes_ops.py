@@ -20,7 +20,7 @@ bundles onto the device (the engine does, on use).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -29,9 +29,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store.names import parse_ref
-from prompts_store.store import BundleStore
 from server.api.deps import LimitsDep, SettingsDep, SpecDep, StoreDep, require_ops_token
 from server.api.errors import ApiError, PayloadTooLargeError
+
+if TYPE_CHECKING:
+    from prompts_store.store import BundleStore
 
 router = APIRouter(dependencies=[Depends(require_ops_token)])
 
