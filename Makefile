@@ -3,7 +3,7 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-all bench
+.PHONY: setup serve test test-all lint bench
 setup:
 	bash scripts/setup.sh
 
@@ -12,6 +12,12 @@ serve: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# Format check, lint and type check (CI runs this before `make test`). Config: pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Slow checks too (marked `slow`): the whole demo-model evaluation, longer training runs.
 test-all: setup

@@ -182,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python -m bench.hotswap_bench {' '.join(argv if argv is not None else sys.argv[1:])}`",
         "",
-        "| model | bundle size | upload (HTTP, validate, publish) | cold first token | warm first token | swap cost (cold − warm) |",
+        (
+            "| model | bundle size | upload (HTTP, validate, publish) | cold first token | warm first token "
+            "| swap cost (cold − warm) |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for which, r in results.items():
         lines.append(
             f"| {which} | {r['bundle_bytes'] / 1e6:.2f} MB | {r['median_upload_s']:.3f} s | "
-            f"{r['median_cold_first_token_s']:.3f} s | {r['median_warm_first_token_s']:.3f} s | {r['median_swap_cost_s']:.3f} s |"
+            f"{r['median_cold_first_token_s']:.3f} s | {r['median_warm_first_token_s']:.3f} s | "
+            f"{r['median_swap_cost_s']:.3f} s |"
         )
     lines += [
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import logging
 import time
@@ -126,7 +127,7 @@ async def run_load(
         wall = time.perf_counter() - start
     ok = [t for t in timings if t.error is None]
     ttft = [(t.first - t.start) * 1000 for t in ok if t.first is not None]
-    itl = [(b - a) * 1000 for t in ok for a, b in zip(t.chunk_times, t.chunk_times[1:])]
+    itl = [(b - a) * 1000 for t in ok for a, b in itertools.pairwise(t.chunk_times)]
     tokens = sum(t.completion_tokens for t in ok)
     errors = [t.error for t in timings if t.error]
     if errors:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m2pt import hf
+
 ATTN_NAME = "m2pt_prefix_sdpa"
 
 
@@ -48,9 +50,10 @@ def install_prefix_attention(model: nn.Module) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, prefix_sdpa_attention)
-    vision_tower = model.model.vision_tower
-    vision_tower.config._attn_implementation = ATTN_NAME
+    vision_tower = hf.part(model, "model.vision_tower")
+    tower_config = hf.config(vision_tower)
+    tower_config._attn_implementation = ATTN_NAME
     for module in vision_tower.modules():
         cfg = getattr(module, "config", None)
-        if cfg is not None and cfg is not vision_tower.config:
+        if cfg is not None and cfg is not tower_config:
             cfg._attn_implementation = ATTN_NAME

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from m2pt.cache import GrowableLayer, set_layer_states
+from m2pt import hf
+from m2pt.cache import GrowableLayer, layer_states, set_layer_states
 from m2pt.prefix import BundlePrefix
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 NEG_INF = float("-inf")
 
@@ -64,7 +69,7 @@ def _stack_prefixes(
 
 def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> Tensor:
     """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does."""
-    cfg = model.config
+    cfg = hf.config(model)
     layer = cfg.vision_feature_layer
     chosen = [hidden_states[i] for i in ([layer] if isinstance(layer, int) else layer)]
     if cfg.vision_feature_select_strategy == "default":
@@ -76,12 +81,12 @@ def vision_hidden_states(
     model: nn.Module, pixel_values: Tensor, prefixes: Sequence[BundlePrefix | None]
 ) -> list[Tensor]:
     """Run the ViT with each row's visual prefix; returns the embedding output and every layer's output."""
-    tower = model.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))  # [B, 1+N, Dv]
-    parts = [None if p is None or p.visual_k is None else (p.visual_k, p.visual_v) for p in prefixes]
-    stacked = _stack_prefixes(parts, hidden)
+    tower = hf.part(model, "model.vision_tower")
+    embeds = hf.part(tower, "embeddings")(pixel_values.to(hf.param_dtype(tower)))
+    hidden = hf.part(tower, "pre_layrnorm")(embeds)  # [B, 1+N, Dv]
+    stacked = _stack_prefixes([None if p is None else p.visual_kv() for p in prefixes], hidden)
     states = [hidden]
-    for idx, layer in enumerate(tower.encoder.layers):
+    for idx, layer in enumerate(hf.layers(tower, "encoder.layers")):
         extra = {} if stacked is None else {"m2pt_prefix": (stacked[0][idx], stacked[1][idx], stacked[2])}
         hidden = layer(hidden, None, **extra)
         states.append(hidden)
@@ -90,25 +95,25 @@ def vision_hidden_states(
 
 def project_features(model: nn.Module, features: Tensor, prefixes: Sequence[BundlePrefix | None]) -> Tensor:
     """Apply each row's projector (its bundle's, or the base one). features [B, N, Dv] -> [B, N, D]."""
-    projector = model.model.multi_modal_projector
+    projector = hf.part(model, "model.multi_modal_projector")
     groups: dict[int, list[int]] = {}
     weights: dict[int, dict[str, Tensor] | None] = {}
     for row, prefix in enumerate(prefixes):
         proj = None if prefix is None else prefix.projector
         groups.setdefault(id(proj), []).append(row)
         weights[id(proj)] = proj
+
+    def run(key: int, inputs: Tensor) -> Tensor:
+        tuned = weights[key]
+        return projector(inputs) if tuned is None else functional_call(projector, tuned, (inputs,))
+
     if len(groups) == 1:
         (key,) = groups
-        return (
-            projector(features)
-            if weights[key] is None
-            else functional_call(projector, weights[key], (features,))
-        )
+        return run(key, features)
     out: Tensor | None = None
     for key, rows in groups.items():
         idx = torch.tensor(rows, device=features.device)
-        sub = features.index_select(0, idx)
-        sub = projector(sub) if weights[key] is None else functional_call(projector, weights[key], (sub,))
+        sub = run(key, features.index_select(0, idx))
         if out is None:
             out = sub.new_empty(features.shape[0], *sub.shape[1:])
         out = out.index_copy(0, idx, sub)
@@ -129,7 +134,7 @@ def encode_images(model: nn.Module, pixel_values: Tensor, prefixes: Sequence[Bun
 class DecodeState:
     """The running batch's cache: HF DynamicCache + 2D attention mask + next RoPE position per row."""
 
-    cache: object  # transformers DynamicCache; layers hold [B, Hkv, S, hd]
+    cache: DynamicCache  # layers hold [B, Hkv, S, hd]
     attention_mask: Tensor  # [B, S] long, 1 = attend
     positions: Tensor  # [B] long, position id of each row's next token
 
@@ -144,8 +149,10 @@ class DecodeState:
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
         for layer in self.cache.layers:
-            keys = layer.keys.index_select(0, idx)[:, :, start:]
-            set_layer_states(layer, keys, layer.values.index_select(0, idx)[:, :, start:])
+            keys, values = layer_states(layer)
+            set_layer_states(
+                layer, keys.index_select(0, idx)[:, :, start:], values.index_select(0, idx)[:, :, start:]
+            )
         return DecodeState(self.cache, mask[:, start:], self.positions.index_select(0, idx))
 
     @staticmethod
@@ -157,19 +164,18 @@ class DecodeState:
         masks = [nn.functional.pad(s.attention_mask, (length - s.attention_mask.shape[1], 0)) for s in states]
         base = states[0].cache
         for layer_idx, layer in enumerate(base.layers):
-            merged = []
-            for attr in ("keys", "values"):
-                tensors = [getattr(s.cache.layers[layer_idx], attr) for s in states]
-                merged.append(
-                    torch.cat([nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors])
-                )
-            set_layer_states(layer, *merged)
+            pairs = [layer_states(s.cache.layers[layer_idx]) for s in states]
+            keys, values = (
+                torch.cat([nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in tensors])
+                for tensors in zip(*pairs, strict=True)
+            )
+            set_layer_states(layer, keys, values)
         return DecodeState(base, torch.cat(masks), torch.cat([s.positions for s in states]))
 
 
 def _embed_rows(model: nn.Module, rows: Sequence[RowInput]) -> tuple[Tensor, Tensor]:
     """Left-pad token ids, embed them and scatter image features. Returns embeds [B, T, D] and mask [B, T]."""
-    device = model.lm_head.weight.device
+    device = next(hf.part(model, "lm_head").parameters()).device
     length = max(int(r.input_ids.shape[0]) for r in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long, device=device)
     mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
@@ -177,8 +183,8 @@ def _embed_rows(model: nn.Module, rows: Sequence[RowInput]) -> tuple[Tensor, Ten
         n = int(row.input_ids.shape[0])
         ids[b, length - n :] = row.input_ids.to(device)
         mask[b, length - n :] = 1
-    embeds = model.model.get_input_embeddings()(ids)  # [B, T, D]
-    image_slots = (ids == model.config.image_token_id) & mask.bool()
+    embeds = hf.input_embeddings(model)(ids)  # [B, T, D]
+    image_slots = (ids == hf.config(model).image_token_id) & mask.bool()
     features = [r.image_features for r in rows if r.image_features is not None]
     want = int(image_slots.sum())
     have = sum(int(f.shape[0]) for f in features)
@@ -192,30 +198,28 @@ def _embed_rows(model: nn.Module, rows: Sequence[RowInput]) -> tuple[Tensor, Ten
 
 def _prefix_cache(
     model: nn.Module, rows: Sequence[RowInput], like: Tensor, room: int
-) -> tuple[object, Tensor, Tensor]:
+) -> tuple[DynamicCache, Tensor, Tensor]:
     """A cache prefilled with each row's text prefix, its mask [B, P] and each row's prefix length [B].
 
     Without autograd (serving) the layers grow in place with `room` free positions (see `m2pt.cache`)."""
     from transformers import DynamicCache
 
-    parts = [
-        None if r.prefix is None or r.prefix.text_k is None else (r.prefix.text_k, r.prefix.text_v)
-        for r in rows
-    ]
+    parts = [None if r.prefix is None else r.prefix.text_kv() for r in rows]
     lengths = torch.tensor([0 if p is None else p[0].shape[2] for p in parts], device=like.device)
     stacked = _stack_prefixes(parts, like)
-    cache = DynamicCache(config=model.config)
+    config = hf.config(model)
+    cache = DynamicCache(config=config)
     mask = like.new_zeros(len(rows), 0, dtype=torch.long)
     if stacked is not None:
         keys, values, bias = stacked
         cache = DynamicCache(
-            ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=model.config
+            ddp_cache_data=[(keys[i], values[i]) for i in range(keys.shape[0])], config=config
         )
         mask = (bias == 0).long()
     if not torch.is_grad_enabled():
         cache.layers = [
-            GrowableLayer(layer.keys, layer.values, headroom=room)
-            if layer.is_initialized
+            GrowableLayer(*layer_states(layer), headroom=room)
+            if getattr(layer, "is_initialized", False)
             else GrowableLayer()
             for layer in cache.layers
         ]
@@ -231,7 +235,7 @@ def prefill(
     cache, prefix_mask, prefix_len = _prefix_cache(model, rows, embeds, room=embeds.shape[1] + 64)
     attention_mask = torch.cat([prefix_mask, text_mask], dim=1)  # [B, P+T]
     position_ids = (prefix_len[:, None] + text_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
-    out = model.model.language_model(
+    out = hf.part(model, "model.language_model")(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -240,14 +244,14 @@ def prefill(
     )
     hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
     state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)  # the cache was filled in place
-    return model.lm_head(hidden), state
+    return hf.part(model, "lm_head")(hidden), state
 
 
 def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
     """Feed one token per row ([B] long); returns next-token logits [B, V] and advances `state` in place."""
     state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
-    embeds = model.model.get_input_embeddings()(tokens[:, None])  # [B, 1, D]
-    out = model.model.language_model(
+    embeds = hf.input_embeddings(model)(tokens[:, None])  # [B, 1, D]
+    out = hf.part(model, "model.language_model")(
         inputs_embeds=embeds,
         attention_mask=state.attention_mask,
         position_ids=state.positions[:, None],
@@ -255,4 +259,4 @@ def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
         use_cache=True,
     )
     state.positions = state.positions + 1
-    return model.lm_head(out.last_hidden_state[:, -1])
+    return hf.part(model, "lm_head")(out.last_hidden_state[:, -1])

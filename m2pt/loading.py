@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from m2pt import hf
 from m2pt.attention import install_prefix_attention
 from m2pt.spec import ModelSpec
 
@@ -67,18 +68,18 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def spec_from_model(model: nn.Module, model_id: str) -> ModelSpec:
     """Read a `ModelSpec` off a LlavaForConditionalGeneration; raise `UnsupportedModelError` for other shapes."""
-    cfg = model.config
+    cfg = hf.config(model)
     vcfg, tcfg = cfg.vision_config, cfg.text_config
-    inner = model.model
-    layers = getattr(getattr(inner.vision_tower, "encoder", None), "layers", None)
-    if layers is None or not hasattr(inner.language_model, "layers"):
+    if not hf.has_part(model, "model.vision_tower.encoder.layers") or not hf.has_part(
+        model, "model.language_model.layers"
+    ):
         raise UnsupportedModelError(
             f"{model_id}: expected a LLaVA model with vision_tower.encoder.layers (CLIP-style) and a decoder LLM"
         )
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     patches = (vcfg.image_size // vcfg.patch_size) ** 2
     num_image_tokens = patches + (0 if cfg.vision_feature_select_strategy == "default" else 1)
-    proj = inner.multi_modal_projector.state_dict()
+    proj = hf.part(model, "model.multi_modal_projector").state_dict()
     return ModelSpec(
         model_id=model_id,
         vit_layers=vcfg.num_hidden_layers,
@@ -108,8 +109,8 @@ def load_frozen_llava(name_or_path: str, device: str = "auto", dtype: str = "aut
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     log.info("loading %s on %s as %s", name_or_path, dev, dt)
-    model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dt, attn_implementation="sdpa")
-    model = freeze(model.to(dev))
+    loaded = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dt, attn_implementation="sdpa")
+    model = freeze(loaded).to(dev)  # nn.Module.to: transformers' decorated `.to` does not type-check
     processor = AutoProcessor.from_pretrained(name_or_path)
     install_prefix_attention(model)
     return FrozenLlava(model, processor, spec_from_model(model, str(name_or_path)), dev, dt)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from m2pt import hf
 from m2pt.prompts import PromptTensors
 
 
@@ -28,6 +29,14 @@ class BundlePrefix:
     visual_k: Tensor | None  # [vit_layers, H, Lv, hd]
     visual_v: Tensor | None  # [vit_layers, H, Lv, hd]
     projector: dict[str, Tensor] | None  # replaces the base projector's weights for this task
+
+    def text_kv(self) -> tuple[Tensor, Tensor] | None:
+        """(K, V) of the text prefix, or None when the bundle has no text prompts."""
+        return None if self.text_k is None or self.text_v is None else (self.text_k, self.text_v)
+
+    def visual_kv(self) -> tuple[Tensor, Tensor] | None:
+        """(K, V) of the visual prefix, or None when the bundle has no visual prompts."""
+        return None if self.visual_k is None or self.visual_v is None else (self.visual_k, self.visual_v)
 
     @property
     def text_len(self) -> int:
@@ -49,17 +58,17 @@ def _split_heads(x: Tensor, head_dim: int) -> Tensor:
 
 def text_layer_kv(model: nn.Module, layer_idx: int, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """K/V of `prompt` [Lt, D] at LLM layer `layer_idx`, each [Hkv, Lt, hd], RoPE at positions 0..Lt-1."""
-    lm = model.model.language_model
-    layer = lm.layers[layer_idx]
-    attn = layer.self_attn
-    x = layer.input_layernorm(prompt[None])  # [1, Lt, D]
-    k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim)  # [1, Lt, Hkv, hd]
-    if hasattr(attn, "k_norm"):  # Qwen3-style per-head key norm
-        k = attn.k_norm(k)
+    layer = hf.layers(model, "model.language_model.layers")[layer_idx]
+    attn = hf.part(layer, "self_attn")
+    head_dim = hf.int_attr(attn, "head_dim")
+    x = hf.part(layer, "input_layernorm")(prompt[None])  # [1, Lt, D]
+    k = hf.part(attn, "k_proj")(x).view(1, x.shape[1], -1, head_dim)  # [1, Lt, Hkv, hd]
+    if hf.has_part(attn, "k_norm"):  # Qwen3-style per-head key norm
+        k = hf.part(attn, "k_norm")(k)
     k = k.transpose(1, 2)  # [1, Hkv, Lt, hd]
-    v = _split_heads(attn.v_proj(x), attn.head_dim)
+    v = _split_heads(hf.part(attn, "v_proj")(x), head_dim)
     positions = torch.arange(prompt.shape[0], device=prompt.device)[None]  # [1, Lt]
-    cos, sin = lm.rotary_emb(x, position_ids=positions)
+    cos, sin = hf.part(model, "model.language_model.rotary_emb")(x, position_ids=positions)
     apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     _, k = apply_rotary(k, k, cos, sin)
     return k[0], v[0]
@@ -67,10 +76,13 @@ def text_layer_kv(model: nn.Module, layer_idx: int, prompt: Tensor) -> tuple[Ten
 
 def visual_layer_kv(model: nn.Module, layer_idx: int, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """K/V of `prompt` [Lv, Dv] at ViT layer `layer_idx`, each [H, Lv, hd]."""
-    layer = model.model.vision_tower.encoder.layers[layer_idx]
-    attn = layer.self_attn
-    x = layer.layer_norm1(prompt[None])  # [1, Lv, Dv]
-    return _split_heads(attn.k_proj(x), attn.head_dim)[0], _split_heads(attn.v_proj(x), attn.head_dim)[0]
+    layer = hf.layers(model, "model.vision_tower.encoder.layers")[layer_idx]
+    attn = hf.part(layer, "self_attn")
+    head_dim = hf.int_attr(attn, "head_dim")
+    x = hf.part(layer, "layer_norm1")(prompt[None])  # [1, Lv, Dv]
+    k = _split_heads(hf.part(attn, "k_proj")(x), head_dim)  # [1, H, Lv, hd]
+    v = _split_heads(hf.part(attn, "v_proj")(x), head_dim)
+    return k[0], v[0]
 
 
 def compute_prefix(model: nn.Module, prompts: PromptTensors) -> BundlePrefix:
@@ -79,15 +91,15 @@ def compute_prefix(model: nn.Module, prompts: PromptTensors) -> BundlePrefix:
     Differentiable w.r.t. the prompt tensors; wrap in `torch.inference_mode()` to precompute for serving.
     """
     ref = next(model.parameters())
-    cast = {"device": ref.device, "dtype": ref.dtype}
+    device, dtype = ref.device, ref.dtype
     text_k = text_v = visual_k = visual_v = None
     if prompts.text is not None:
-        pairs = [text_layer_kv(model, i, p.to(**cast)) for i, p in enumerate(prompts.text)]
+        pairs = [text_layer_kv(model, i, p.to(device, dtype)) for i, p in enumerate(prompts.text)]
         text_k, text_v = torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
     if prompts.visual is not None:
-        pairs = [visual_layer_kv(model, i, p.to(**cast)) for i, p in enumerate(prompts.visual)]
+        pairs = [visual_layer_kv(model, i, p.to(device, dtype)) for i, p in enumerate(prompts.visual)]
         visual_k, visual_v = torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
     projector = None
     if prompts.projector is not None:
-        projector = {k: v.to(**cast) for k, v in prompts.projector.items()}
+        projector = {k: v.to(device, dtype) for k, v in prompts.projector.items()}
     return BundlePrefix(text_k, text_v, visual_k, visual_v, projector)

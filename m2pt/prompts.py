@@ -54,7 +54,8 @@ class PromptTensors:
     def parameters(self) -> list[Tensor]:
         """Every tensor, in a fixed order (text, visual, projector by name)."""
         out = [t for t in (self.text, self.visual) if t is not None]
-        out += [self.projector[k] for k in sorted(self.projector or {})]
+        projector = self.projector or {}
+        out += [projector[k] for k in sorted(projector)]
         return out
 
     def num_parameters(self) -> int:
@@ -76,7 +77,10 @@ def expected_shapes(
 
 
 def xavier_prompts(layers: int, length: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
-    """Xavier-uniform prompts as the official code makes them: each layer's `[1, L, d]` gets U(±sqrt(6 / (d (L + 1))))."""
+    """Xavier-uniform prompts as the official code makes them.
+
+    Each layer's `[1, L, d]` gets U(±sqrt(6 / (d (L + 1)))).
+    """
     bound = (6.0 / (dim * (length + 1))) ** 0.5
     return (torch.rand(layers, length, dim, generator=generator) * 2 - 1) * bound  # [layers, L, d]
 
@@ -88,7 +92,10 @@ def init_prompts(
     base_projector: dict[str, Tensor] | None = None,
     seed: int = 0,
 ) -> PromptTensors:
-    """Fresh trainable prompts (fp32, CPU). `base_projector` (the frozen model's projector weights) seeds a tuned copy."""
+    """Fresh trainable prompts (fp32, CPU).
+
+    `base_projector` (the frozen model's projector weights) seeds a tuned copy.
+    """
     gen = torch.Generator().manual_seed(seed)
     text = xavier_prompts(spec.llm_layers, text_len, spec.llm_dim, gen) if text_len else None
     visual = xavier_prompts(spec.vit_layers, visual_len, spec.vit_dim, gen) if visual_len else None

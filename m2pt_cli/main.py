@@ -15,8 +15,9 @@ import sys
 COMMAND_PROVIDERS = [
     ("server.cli", "add_serve_command"),
     ("training.cli", "add_train_commands"),
+    ("training.demo.ablation", "add_ablation_command"),
     ("prompts_store.cli", "add_bundle_commands"),
-    ("training.demo_base", "add_demo_commands"),
+    ("training.demo.base", "add_demo_commands"),
 ]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,7 +26,7 @@ from prompts_store.errors import BundleFormatVersionError, BundleManifestError
 from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.names import validate_name, validate_version
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Final = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 # manifest dtype name -> safetensors dtype code; bundles hold floats only

@@ -16,6 +16,7 @@ It does not cache loaded bundles or talk HTTP; the server does.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -274,7 +275,7 @@ class BundleStore:
                 out.append(BundleInfo(name_dir.name, versions, self._ref(name_dir.name, index.latest)))
         return out
 
-    def inspect(self, ref: str) -> list[VersionInfo]:
+    def inspect(self, ref: str) -> builtins.list[VersionInfo]:  # (`list` here is the method above)
         """Details of every version of `name` (oldest first), or of the one version `name@version` names."""
         name, version = parse_ref(ref)
         index = read_index(self._name_dir(name), name)
@@ -334,7 +335,7 @@ class BundleStore:
         return loaded
 
     # ---- delete --------------------------------------------------------------------------------------------
-    def delete(self, name: str, version: str | None = None) -> list[BundleRef]:
+    def delete(self, name: str, version: str | None = None) -> builtins.list[BundleRef]:
         """Delete one version, or every version of `name`. Returns what was deleted; unknown ->
         `BundleNotFoundError`.
 

@@ -125,8 +125,8 @@ def check_token_limits(manifest: Manifest, limits: BundleLimits) -> None:
         if have > cap:
             raise BundleTokenLimitError(
                 f"bundle {manifest.label} has {have} {what} prompt tokens per layer; this server allows at "
-                f"most {cap}. Retrain with fewer {what} prompt tokens or raise the server's "
-                f"max_{what}_tokens limit"
+                f"most {cap}. Retrain with fewer {what} prompt tokens or raise the limit "
+                f"(--max-{what}-tokens)"
             )
 
 

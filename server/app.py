@@ -1,13 +1,15 @@
 """The FastAPI application factory.
 
-`create_app(settings, engine=None)`:
+`create_app(settings, engine=None, store=None, spec=None)`:
 - with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import
   time) by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
 - with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped
-  here.
+  here; `store` and `spec` (the bundle store and the served model's spec) are then the ops routes' own.
 
-`app.state` holds `settings`, `metrics` (`server.metrics.ServerMetrics`, shared with the engine) and `engine`
-(None until the lifespan built it; routes then answer 503).
+`app.state` holds `settings`, `metrics` (`server.metrics.ServerMetrics`, shared with the engine), `engine`,
+`store`, `spec` (None until the lifespan built them; routes then answer 503) and `bundle_limits` (from the
+settings). The routes reach the store through `server.api.deps.StoreDep`, never through the engine; the
+lifespan hands the app the same `BundleStore` instance the engine serves from.
 
 Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route
 must carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one
@@ -22,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -35,6 +38,10 @@ from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
+if TYPE_CHECKING:
+    from m2pt.spec import ModelSpec
+    from prompts_store.store import BundleStore
+
 log = logging.getLogger(__name__)
 
 CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
@@ -45,7 +52,9 @@ class UnprotectedRouteError(RuntimeError):
     """A route that is neither public nor behind an auth dependency (a programming error found at startup)."""
 
 
-def create_app(settings: Settings, engine=None) -> FastAPI:
+def create_app(
+    settings: Settings, engine=None, store: BundleStore | None = None, spec: ModelSpec | None = None
+) -> FastAPI:
     """Build the app; see the module contract."""
     metrics = ServerMetrics()
     app = FastAPI(
@@ -58,6 +67,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.store, app.state.spec = store, spec
+    app.state.bundle_limits = settings.bundle_limits()
     app.state.started_at = time.time()
     install_error_handlers(app)
     app.include_router(routes_health.router)
@@ -111,6 +122,7 @@ def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
         log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
         engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
         await engine.start()
+        app.state.store, app.state.spec = engine.store, engine.spec  # one store instance, shared
         app.state.engine = engine
         log.info("serving %s on %s:%d", engine.base_model_id, settings.host, settings.port)
         try:

@@ -2,7 +2,9 @@
 
 With no arguments it serves the shipped demo model (`demo/base`) and demo bundles (`demo/bundles`) on
 127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does). Every
-flag maps to one `server.settings.Settings` field; the help text is the field's documentation. Secrets come
+`server.settings.Settings` field but the secrets has a flag; the help text is the field's documentation. Each flag
+also reads an environment variable, `M2PT_` + the flag's name (`--max-text-tokens` -> `M2PT_MAX_TEXT_TOKENS`; a
+flag given wins; list flags take a comma-separated value, switches 1/0, true/false, yes/no, on/off). Secrets come
 from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). Bad settings print
 one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
 --log-level`.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,34 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--remote-image-domain", "remote_image_domains", {"action": "append", "metavar": "HOST"}),
     ("--max-bundle-bytes", "max_bundle_bytes", {"type": int}),
     ("--shutdown-timeout", "shutdown_timeout_s", {"type": float, "metavar": "SECONDS"}),
+    ("--max-manifest-bytes", "max_manifest_bytes", {"type": int}),
+    ("--max-text-tokens", "max_text_tokens", {"type": int}),
+    ("--max-visual-tokens", "max_visual_tokens", {"type": int}),
+    ("--max-messages", "max_messages", {"type": int}),
+    ("--max-stop-strings", "max_stop_strings", {"type": int}),
+    ("--max-image-aspect-ratio", "max_image_aspect_ratio", {"type": float}),
+    ("--remote-image-allow-private", "remote_image_allow_private", {"action": "store_true", "default": None}),
+    ("--remote-image-timeout", "remote_image_timeout_s", {"type": float, "metavar": "SECONDS"}),
+    ("--remote-image-max-bytes", "remote_image_max_bytes", {"type": int}),
 ]
 _FLAG_OF = {field: flag for flag, field, _ in _FLAGS}
+_SECRET_ENV = {"api_key": "M2PT_API_KEY", "ops_token": "M2PT_OPS_TOKEN"}  # environment only, never a flag
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def env_var(flag: str) -> str:
+    """The environment variable a flag reads: `--max-text-tokens` -> `M2PT_MAX_TEXT_TOKENS`."""
+    return "M2PT_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _from_env(text: str, kwargs: Mapping[str, Any]) -> Any:
+    """An environment value as its flag would parse it (Settings validates it after)."""
+    if kwargs.get("action") == "append":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kwargs.get("action") == "store_true":
+        word = text.strip().lower()
+        return True if word in _TRUE else False if word in _FALSE else text
+    return text
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,7 +92,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=False)
         kwargs = {"default": None, **kwargs}
-        parser.add_argument(flag, dest=field, help=f"{info.description} (default: {default})", **kwargs)
+        helptext = f"{info.description} (default: {default}; env {env_var(flag)})"
+        parser.add_argument(flag, dest=field, help=helptext, **kwargs)
     parser.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
@@ -73,18 +104,29 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return parser
 
 
-def settings_from_args(args: argparse.Namespace):
-    """`Settings` from the flags that were given (the others keep their defaults)."""
+def env_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Settings values from the flags' environment variables that are set."""
+    environ = os.environ if environ is None else environ
+    return {
+        field: _from_env(environ[env_var(flag)], kwargs)
+        for flag, field, kwargs in _FLAGS
+        if env_var(flag) in environ
+    }
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None):
+    """`Settings` from the flags that were given, then their environment variables; the rest keep defaults."""
     from server.settings import Settings
 
-    values = {field: getattr(args, field) for _, field, _ in _FLAGS if getattr(args, field, None) is not None}
+    given = {field: getattr(args, field) for _, field, _ in _FLAGS if getattr(args, field, None) is not None}
+    values = {**env_settings(environ), **given}
     if "remote_image_domains" in values:
         values["remote_image_domains"] = tuple(values["remote_image_domains"])
     return Settings(**values)
 
 
-def describe_settings_error(exc: Exception) -> str:
-    """One line per problem, naming the flag (or environment variable) to fix."""
+def describe_settings_error(exc: Exception, from_env: frozenset[str] = frozenset()) -> str:
+    """One line per problem, naming the flag (or the environment variable `from_env` fields came from)."""
     from pydantic import ValidationError
 
     if not isinstance(exc, ValidationError):
@@ -92,9 +134,8 @@ def describe_settings_error(exc: Exception) -> str:
     lines = []
     for err in exc.errors():
         field = str(err["loc"][0]) if err.get("loc") else ""
-        where = {"api_key": "M2PT_API_KEY", "ops_token": "M2PT_OPS_TOKEN"}.get(
-            field, _FLAG_OF.get(field, field)
-        )
+        flag = _FLAG_OF.get(field, field)
+        where = _SECRET_ENV.get(field) or (env_var(flag) if field in from_env else flag)
         message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         lines.append(f"{where}: {message}" if where else message)
     return "\n".join(lines)
@@ -110,7 +151,8 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         settings.check_paths()
     except (ValidationError, SettingsError) as exc:
-        for line in describe_settings_error(exc).splitlines():
+        given = {field for _, field, _ in _FLAGS if getattr(args, field, None) is not None}
+        for line in describe_settings_error(exc, frozenset(env_settings()) - given).splitlines():
             sys.stderr.write(f"m2pt serve: {line}\n")
         return 2
     import uvicorn

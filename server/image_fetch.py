@@ -10,7 +10,7 @@ Contract (`fetch_image_bytes(url, settings) -> bytes`):
 - The body is read in chunks under `remote_image_max_bytes` (413 beyond, even with a lying or absent
   Content-Length) and the whole fetch under `remote_image_timeout_s`.
 
-Every refusal is a `RemoteImageRefusedError` (400) or `ImageTooLargeError` (413) with the reason.
+Every refusal is a `RemoteImageRefusedError` or an `ImageTooLargeError` (`server.image_errors`) with the reason.
 
 It does not decode images (`server.images` does) and keeps no cache. Blocking: call it from a worker thread.
 """
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from server.images import ImageTooLargeError, RemoteImageRefusedError
+from server.image_errors import ImageTooLargeError, RemoteImageRefusedError
 
 log = logging.getLogger(__name__)
 

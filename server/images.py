@@ -2,12 +2,14 @@
 image, safely.
 
 Contract:
-- Input is untrusted text. Output is a fully decoded `PIL.Image.Image` in mode RGB, or an `ImageError` (400
-  `invalid_image`, 400 `remote_image_refused`, 413 `image_too_large`) whose message says what to send instead.
+- Input is untrusted text. Output is a fully decoded `PIL.Image.Image` in mode RGB, or an `ImageError`
+  (`server.image_errors`: `ImageTooLargeError`, `RemoteImageRefusedError`) whose message says what to send
+  instead. The HTTP layer maps them to statuses; this module knows nothing of HTTP.
 - Only PNG, JPEG, WebP and GIF are opened (never EPS, PDF, FITS, TIFF...); only the first frame is decoded.
 - Dimensions are checked from the header (after `Image.open`, BEFORE `load()`) against the pixel, side and
   aspect limits, so a decompression bomb is refused without being decompressed. Pillow's own bomb
-  warning/error becomes our 413 too. Truncated or corrupt data is an error, never a partly decoded image.
+  warning/error becomes our `ImageTooLargeError` too. Truncated or corrupt data is an error, never a partly
+  decoded image.
 - Library exception text is logged, never returned to the client.
 - http(s) URLs are refused unless `allow_remote_images` is on; then `server.image_fetch` fetches them under
   its limits. Other URL schemes (file:, ftp:, ...) are always refused.
@@ -27,28 +29,13 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from server.api.errors import ApiError
+from server.image_errors import ImageError, ImageTooLargeError, RemoteImageRefusedError
 
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,15}):")  # base64 never contains ':', so this is a URL
 _HOW_TO_SEND = "send the image inline as base64 or as a data:image/png;base64,... URI"
-
-
-class ImageError(ApiError):
-    status = 400
-    error_type = "invalid_image"
-
-
-class ImageTooLargeError(ImageError):
-    status = 413
-    error_type = "image_too_large"
-
-
-class RemoteImageRefusedError(ImageError):
-    status = 400
-    error_type = "remote_image_refused"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from prompts_store.limits import BundleLimits
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = REPO_ROOT / "demo" / "base"
 DEMO_STORE_DIR = REPO_ROOT / "demo" / "bundles"
@@ -103,10 +105,16 @@ class Settings(BaseModel):
     remote_image_timeout_s: float = Field(5.0, gt=0, le=120, description="time limit of one image fetch")
     remote_image_max_bytes: int = Field(8 * MiB, ge=1, description="size cap of one fetched image")
 
-    # Bundle uploads.
+    # Bundles (uploads and loads).
     max_bundle_bytes: int = Field(256 * MiB, ge=1024, description="size cap of an uploaded tensors file")
     max_manifest_bytes: int = Field(
         64 * 1024, ge=256, le=16 * MiB, description="size cap of an uploaded manifest"
+    )
+    max_text_tokens: int = Field(
+        64, ge=1, le=100_000, description="most textual prompt tokens per LLM layer a bundle may have"
+    )
+    max_visual_tokens: int = Field(
+        64, ge=1, le=100_000, description="most visual prompt tokens per ViT layer a bundle may have"
     )
 
     # Auth (from the environment by default).
@@ -164,6 +172,15 @@ class Settings(BaseModel):
     def max_upload_bytes(self) -> int:
         """Body cap of `POST /v1/bundles`: both files plus room for the multipart framing."""
         return self.max_bundle_bytes + self.max_manifest_bytes + 64 * 1024
+
+    def bundle_limits(self) -> BundleLimits:
+        """The caps every uploaded or loaded bundle must meet (the store's `BundleLimits`)."""
+        return BundleLimits(
+            max_text_tokens=self.max_text_tokens,
+            max_visual_tokens=self.max_visual_tokens,
+            max_bytes=self.max_bundle_bytes + self.max_manifest_bytes,
+            max_manifest_bytes=self.max_manifest_bytes,
+        )
 
     def check_paths(self) -> None:
         """Startup check of the filesystem side: the model must be an existing directory or look like a hub

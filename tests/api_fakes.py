@@ -5,7 +5,8 @@ images.
 text>" (plus "image WxH" for each image) one word per event, can be slowed down (`delay_s`), made to raise
 `QueueFullError`, or to fail mid-stream, and records which requests finished and which were closed early (a
 client disconnect must close the iterator). With a `store` it resolves bundles through it (so unknown bundles
-raise the store's 404), and exposes `store`/`spec` for the ops routes. It lives in tests only.
+raise the store's 404); it keeps that store private, as the ops routes must use the app's own
+(`create_app(..., store=, spec=)`). It lives in tests only.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ class FakeEngine:
     def __init__(
         self,
         store=None,
-        spec=None,
         bundles=("colors",),
         delay_s: float = 0.0,
         base_model_id: str = "fake-base",
     ) -> None:
-        self.store, self.spec = store, spec
-        self.bundle_limits = None
+        self._store = store
         self.bundles = set(bundles)
         self.delay_s = delay_s
         self.queue_full = False
@@ -59,8 +58,8 @@ class FakeEngine:
 
         if bundle is None:
             return None
-        if self.store is not None:
-            return self.store.resolve(bundle).label
+        if self._store is not None:
+            return self._store.resolve(bundle).label
         name, _, version = bundle.partition("@")
         if name not in self.bundles:
             raise BundleNotFoundError(f"no bundle named {name!r}")

@@ -17,7 +17,7 @@ import pytest
 from api_fakes import _free_port, png_b64
 from pydantic import ValidationError
 
-from server.cli import add_serve_command, run_serve, settings_from_args
+from server.cli import _FLAGS, add_serve_command, env_var, run_serve, settings_from_args
 from server.settings import DEMO_MODEL_DIR, DEMO_STORE_DIR, Settings, SettingsError
 
 
@@ -106,6 +106,37 @@ def test_flags_map_to_settings(tmp_path):
     s.check_paths()  # a hub id is accepted without touching the network
 
 
+def test_every_setting_has_a_flag_documented_by_its_field_and_an_env_var():
+    """The CLI is the settings: every field but the secrets has a flag whose help is the field's description and
+    names its environment variable (every limit an error message points at can be raised without code)."""
+    parser = argparse.ArgumentParser(prog="m2pt")
+    serve = add_serve_command(parser.add_subparsers(dest="command"))
+    helps = {a.dest: a.help for a in serve._actions}
+    flagged = {field for _, field, _ in _FLAGS}
+    assert set(Settings.model_fields) - {"api_key", "ops_token"} == flagged
+    for flag, field, _ in _FLAGS:
+        assert Settings.model_fields[field].description in helps[field]
+        assert f"env {env_var(flag)})" in helps[field]
+    assert {"max_text_tokens", "max_visual_tokens", "max_bundle_bytes", "max_messages"} <= flagged
+
+
+def test_environment_variables_set_limits_and_a_given_flag_wins():
+    env = {
+        "M2PT_MAX_TEXT_TOKENS": "32",
+        "M2PT_MAX_VISUAL_TOKENS": "16",
+        "M2PT_ALLOW_REMOTE_IMAGES": "true",
+        "M2PT_REMOTE_IMAGE_DOMAIN": "Images.Example.com, cdn.example.org",
+        "M2PT_REQUEST_TIMEOUT": "9.5",
+    }
+    s = settings_from_args(parse("--max-visual-tokens", "8"), env)
+    assert (s.max_text_tokens, s.max_visual_tokens, s.request_timeout_s) == (32, 8, 9.5)
+    assert s.allow_remote_images and s.remote_image_domains == ("images.example.com", "cdn.example.org")
+    limits = s.bundle_limits()
+    assert (limits.max_text_tokens, limits.max_visual_tokens) == (32, 8)
+    assert limits.max_bytes == s.max_bundle_bytes + s.max_manifest_bytes
+    assert settings_from_args(parse(), {"M2PT_ALLOW_REMOTE_IMAGES": "off"}) == Settings()
+
+
 @pytest.mark.parametrize(
     "argv, env, message",
     [
@@ -128,6 +159,16 @@ def test_flags_map_to_settings(tmp_path):
             [],
             {"M2PT_OPS_TOKEN": "short"},
             "m2pt serve: M2PT_OPS_TOKEN: tokens must be at least 8 characters long",
+        ),
+        (
+            [],
+            {"M2PT_MAX_TEXT_TOKENS": "0"},
+            "m2pt serve: M2PT_MAX_TEXT_TOKENS: Input should be greater than or equal to 1",
+        ),
+        (
+            ["--max-visual-tokens", "0"],
+            {"M2PT_MAX_VISUAL_TOKENS": "12"},
+            "m2pt serve: --max-visual-tokens: Input should be greater than or equal to 1",
         ),
     ],
 )

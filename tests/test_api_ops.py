@@ -34,9 +34,12 @@ def store(tmp_path):
 
 @pytest.fixture
 def client(store, tiny):
-    engine = FakeEngine(store=store, spec=tiny.spec)
+    engine = FakeEngine(store=store)
     app = create_app(
-        Settings(api_key=None, ops_token=TOKEN, store=store.root, max_bundle_bytes=16 * 1024), engine
+        Settings(api_key=None, ops_token=TOKEN, store=store.root, max_bundle_bytes=16 * 1024),
+        engine,
+        store=store,
+        spec=tiny.spec,
     )
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
@@ -252,8 +255,10 @@ def test_uploads_without_the_token_write_nothing(client, store, tiny):
 
 
 def test_twenty_concurrent_uploads_over_http_get_distinct_versions(store, tiny):
-    engine = FakeEngine(store=store, spec=tiny.spec)
-    app = create_app(Settings(api_key=None, ops_token=TOKEN, store=store.root), engine)
+    engine = FakeEngine(store=store)
+    app = create_app(
+        Settings(api_key=None, ops_token=TOKEN, store=store.root), engine, store=store, spec=tiny.spec
+    )
     payloads = [bundle_files(tiny.spec, seed=i) for i in range(20)]
     results: list[dict] = []
     with LiveServer(app) as server:
@@ -278,3 +283,28 @@ def test_twenty_concurrent_uploads_over_http_get_distinct_versions(store, tiny):
     assert {r["content_hash"] for r in results} == hashes  # every upload landed intact, none lost or mixed
     for r in results:
         assert store.load(r["bundle"], tiny.spec).content_hash == r["content_hash"]
+
+
+def test_prompt_token_limits_come_from_the_settings(store, tiny):
+    """`--max-text-tokens` / `--max-visual-tokens` bound uploads; the 422 names the flag to raise."""
+    settings = Settings(
+        api_key=None, ops_token=TOKEN, store=store.root, max_text_tokens=3, max_visual_tokens=2
+    )
+    app = create_app(settings, FakeEngine(store=store), store=store, spec=tiny.spec)
+    before = store_snapshot(store)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        refused = upload(c, *bundle_files(tiny.spec, text_len=4, visual_len=2))
+        assert refused.status_code == 422 and refused.json()["error"]["type"] == "bundle_token_limit"
+        message = refused.json()["error"]["message"]
+        assert "4 text prompt tokens" in message and "at most 3" in message and "--max-text-tokens" in message
+        assert store_snapshot(store) == before
+        assert upload(c, *bundle_files(tiny.spec, text_len=3, visual_len=2)).status_code == 201
+
+
+def test_ops_routes_answer_503_until_the_store_is_open(tiny):
+    """The ops routes use the app's store, not the engine's: without one (still starting) they answer 503."""
+    app = create_app(Settings(api_key=None, ops_token=TOKEN), FakeEngine())
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for resp in (c.get("/v1/bundles", headers=AUTH), upload(c, *bundle_files(tiny.spec))):
+            assert resp.status_code == 503 and resp.json()["error"]["type"] == "not_ready"
+            assert "still starting" in resp.json()["error"]["message"]

@@ -135,7 +135,9 @@ def test_mixed_batch_equals_each_row_alone(tiny):
     rows = [make_row_tokens(tiny, words, seed=10 + i) for i, words in enumerate(sentences)]
     steps = 8
     with torch.no_grad():
-        alone = [greedy_alone(tiny, ids, px, pre, steps) for (ids, px), pre in zip(rows, prefixes)]
+        alone = [
+            greedy_alone(tiny, ids, px, pre, steps) for (ids, px), pre in zip(rows, prefixes, strict=True)
+        ]
         feats = encode_images(tiny.model, torch.stack([px for _, px in rows]), prefixes)
         batch = [RowInput(ids, feats[i], prefixes[i]) for i, (ids, _) in enumerate(rows)]
         logits, state = prefill(tiny.model, batch)
@@ -163,7 +165,9 @@ def test_rows_join_and_leave_between_decode_steps(tiny):
         for i, w in enumerate([["what"], ["is", "this", "digit"], ["digit"]])
     ]
     with torch.no_grad():
-        alone = [greedy_alone(tiny, ids, px, pre, 6)[1] for (ids, px), pre in zip(rows, prefixes)]
+        alone = [
+            greedy_alone(tiny, ids, px, pre, 6)[1] for (ids, px), pre in zip(rows, prefixes, strict=True)
+        ]
 
         def start(i):
             ids, px = rows[i]
@@ -215,7 +219,7 @@ def test_gradients_reach_prompts_and_projector_only(tiny):
     assert all(p.grad is None for p in model.parameters())
     snapshot = [p.detach().clone() for p in params]
     opt.step()
-    assert all(not torch.equal(a, b) for a, b in zip(snapshot, params))
+    assert all(not torch.equal(a, b) for a, b in zip(snapshot, params, strict=True))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 

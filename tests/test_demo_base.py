@@ -9,10 +9,10 @@ import random
 import pytest
 from PIL import Image
 
-from training.demo_base import DEMO_BASE_DIR, DEMO_EXAMPLES_DIR, DemoRecipe, add_demo_commands
-from training.demo_eval import HELD_OUT_SEED, evaluate
-from training.demo_examples import EXAMPLES, ask, load_image
-from training.synthetic import TASKS, sample
+from training.demo.base import DEMO_BASE_DIR, DEMO_EXAMPLES_DIR, DemoRecipe, add_demo_commands
+from training.demo.eval import HELD_OUT_SEED, evaluate
+from training.demo.examples import EXAMPLES, ask, load_image
+from training.demo.synthetic import TASKS, sample
 
 SHIPPED_FILES = [
     "config.json",

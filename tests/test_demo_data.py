@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from training.demo_base import DemoRecipe, demo_model_config, lr_factor
-from training.demo_data import (
+from training.demo.base import DemoRecipe, demo_model_config, lr_factor
+from training.demo.data import (
     IGNORE_INDEX,
     PromptEncoder,
     augment_unknown,
@@ -18,7 +18,7 @@ from training.demo_data import (
     processor_prompt_ids,
     sequence_loss_and_hits,
 )
-from training.synthetic import HELD_OUT_TASKS, TASKS, make_examples
+from training.demo.synthetic import HELD_OUT_TASKS, TASKS, make_examples
 from training.tiny import EOS_ID, IMAGE_ID, PAD_ID, UNK_ID, build_processor, build_tokenizer
 
 

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from training import synthetic
-from training.synthetic import (
+from training.demo import synthetic
+from training.demo.synthetic import (
     HELD_OUT_TASKS,
     RESERVED_WORDS,
     TASKS,

@@ -194,9 +194,9 @@ VERY_LONG = {**LONG, "max_tokens": 60000}
 def finished(url, reason):
     text = httpx.get(url + "/metrics").text
     return sum(
-        float(l.split()[-1])
-        for l in text.splitlines()
-        if l.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in l
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in line
     )
 
 

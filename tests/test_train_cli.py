@@ -153,3 +153,46 @@ def test_push_uploads_manifest_and_tensors_with_the_ops_token(
     assert call["path"] == "/v1/bundles" and call["auth"] == "Bearer s3cret"
     assert call["parts"]["manifest"] == (out / "manifest.json").read_bytes()
     assert call["parts"]["tensors"] == (out / "tensors.safetensors").read_bytes()
+
+
+def test_every_train_config_field_is_a_flag_documented_by_its_field():
+    """The parser is generated from `TrainConfig`: one flag per field, its help the field's `metadata["help"]`,
+    its default the field's default, and the flag names users already type."""
+    from dataclasses import MISSING, fields
+
+    from training.cli import add_train_arguments
+    from training.config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert list(actions) == [f.name for f in fields(TrainConfig)]
+    for f in fields(TrainConfig):
+        action = actions[f.name]
+        assert action.help.startswith(f.metadata["help"]), f.name
+        assert action.required == (f.default is MISSING), f.name
+        if f.default is not MISSING:
+            assert action.default == f.default, f.name
+    flags = [opt for a in actions.values() for opt in a.option_strings]
+    assert flags == [
+        *(
+            "--base",
+            "--data",
+            "--out",
+            "--name",
+            "--version",
+            "--eval-data",
+            "--image-folder",
+            "--train-size",
+        ),
+        *("--eval-size", "--eval-fraction", "--on-bad-record", "--visual-prompts", "--text-prompts"),
+        *("--tune-projector", "--no-tune-projector", "--steps", "--epochs", "--batch-size", "--lr"),
+        *("--projector-lr", "--weight-decay", "--warmup-ratio", "--max-grad-norm", "--seed", "--eval-every"),
+        *("--eval-batch-size", "--checkpoint-dir", "--checkpoint-every", "--resume", "--publish-store"),
+        *("--push-url", "--device", "--dtype", "--no-progress"),
+    ]
+    args = parser.parse_args(["--base", "b", "--data", "d", "--out", "o", "--resume", "--no-progress"])
+    cfg = config_from_args(args)
+    assert cfg.resume is True and cfg.progress is False and cfg.on_bad_record == "fail" and cfg.steps is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--base", "b", "--data", "d", "--out", "o", "--steps", "3", "--epochs", "2"])

@@ -4,8 +4,10 @@
   NEAREST to a multiple of 8 px. A fixed permutation (seed 0, independent of any training seed) splits it into
   1,297 train and 500 test images; `digits` / `digits:train` is the train part and `digits:test` the test
   part, so training never sees a test image whatever its seed.
-- `synthetic:<task>[,<task>...]`: examples from `training.synthetic` (including its held-out tasks); the train
-  and eval sets are drawn with different seeds.
+- `synthetic:<task>[,<task>...]`: examples drawn by the demo's scene generator `training.demo.synthetic`
+  (including its held-out tasks); the train and eval sets are drawn with different seeds.
+The built-in datasets are the trainer's one use of the demo package (`training.demo.synthetic`, imported lazily,
+allowed by name in tests/test_import_graph.py).
 
 This module builds records only; tokenisation is in `training.data`.
 """
@@ -48,11 +50,11 @@ def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
 
 
 def digits_records(split: str, image_size: int, limit: int | None = None) -> list[Record]:
-    """Digit `i` is asked with phrasing `i mod len(DIGIT_QUESTIONS)` of
-    `training.synthetic.DIGIT_QUESTIONS`."""
+    """Digit `i` is asked with phrasing `i mod len(DIGIT_QUESTIONS)` of `training.demo.synthetic` (the phrasings
+    the demo base's vocabulary reserves)."""
     from sklearn.datasets import load_digits
 
-    from training.synthetic import DIGIT_QUESTIONS
+    from training.demo.synthetic import DIGIT_QUESTIONS
 
     data = load_digits()
     indices = digits_split(split)[:limit]
@@ -67,8 +69,8 @@ def digits_records(split: str, image_size: int, limit: int | None = None) -> lis
 
 
 def synthetic_records(tasks: list[str], n: int, seed: int) -> list[Record]:
-    """`n` examples of `tasks` from `training.synthetic.make_examples`, as records."""
-    from training import synthetic
+    """`n` examples of `tasks` from `training.demo.synthetic.make_examples`, as records."""
+    from training.demo import synthetic
 
     known = set(synthetic.TASKS) | set(getattr(synthetic, "HELD_OUT_TASKS", ()))
     unknown = [t for t in tasks if t not in known]

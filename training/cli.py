@@ -1,6 +1,6 @@
-"""`m2pt train` and `m2pt train-ablation`: argparse wiring for the trainer and the digits ablation.
+"""`m2pt train`: argparse wiring for the trainer (`m2pt train-ablation` is the demo's: `training.demo.ablation`).
 
-`add_train_commands(subparsers)` registers both subcommands on the `m2pt` parser; `python -m training ARGS`
+`add_train_commands(subparsers)` registers the subcommand on the `m2pt` parser; `python -m training ARGS`
 (also under `torchrun --nproc-per-node N -m training ARGS`) runs `m2pt train ARGS` without the other packages'
 commands. torch and transformers are imported inside the command functions, never at import time. Errors the
 user can fix (bad data, bad options, unreachable server) end with a one-line message and exit status 2, not a
@@ -10,114 +10,54 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
+from typing import Any
 
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = TrainConfig(base="", data="", out="")
+
+def _value_type(hint: Any) -> Any:
+    """`int | None` -> int; `float` -> float."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse keywords of one `TrainConfig` field (its metadata, its type, its default)."""
+    meta = {k: v for k, v in f.metadata.items() if k not in ("group", "exclusive", "flag")}
+    kind = _value_type(hint)
+    default = None if f.default is dataclasses.MISSING else f.default
+    if kind is bool and "action" not in meta:
+        meta["action"] = argparse.BooleanOptionalAction  # adds "(default: ...)" itself
+    elif kind in (int, float):
+        meta["type"] = kind
+    if default is not None and kind is not bool:
+        meta["help"] = f"{meta['help']} (default: {default})"
+    return {**meta, "default": default} if not meta.get("required") else meta
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
-    p.add_argument(
-        "--base", required=True, help="frozen LLaVA base: local directory or HF id (e.g. demo/base)"
-    )
-    p.add_argument(
-        "--data",
-        required=True,
-        help="LLaVA-format JSON file, or a built-in dataset: digits, digits:test, synthetic:<task>[,<task>]",
-    )
-    p.add_argument(
-        "--out", required=True, help="bundle directory to write (missing, empty, or an older bundle)"
-    )
-    p.add_argument("--name", help="bundle name (default: the --out directory name)")
-    p.add_argument("--version", help="bundle version (default: assigned by the store)")
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--eval-data", help="held-out dataset (default: digits:test for digits, a fixed split of a JSON file)"
-    )
-    g.add_argument(
-        "--image-folder", help="folder that JSON image paths are relative to (default: the JSON's folder)"
-    )
-    g.add_argument(
-        "--train-size", type=int, help="cap on training records (synthetic: number drawn, default 2000)"
-    )
-    g.add_argument(
-        "--eval-size", type=int, help="cap on held-out records (synthetic: number drawn, default 200)"
-    )
-    g.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        help="held-out share of a JSON file without --eval-data",
-    )
-    g.add_argument(
-        "--on-bad-record",
-        choices=["skip", "fail"],
-        default=d.on_bad_record,
-        help="what to do with a bad record (missing/unreadable image, no <image>, empty answer)",
-    )
-    g = p.add_argument_group("what is trained")
-    g.add_argument(
-        "--visual-prompts",
-        type=int,
-        default=d.visual_prompts,
-        help="visual prompt tokens per ViT layer (0: none)",
-    )
-    g.add_argument(
-        "--text-prompts",
-        type=int,
-        default=d.text_prompts,
-        help="textual prompt tokens per LLM layer (0: none)",
-    )
-    g.add_argument(
-        "--tune-projector",
-        action=argparse.BooleanOptionalAction,
-        default=d.tune_projector,
-        help="also train (a copy of) the vision-language projector, as M²PT does",
-    )
-    g = p.add_argument_group("recipe (M²PT defaults)")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimiser steps (overrides --epochs)")
-    length.add_argument("--epochs", type=float, default=d.epochs, help="passes over the training set")
-    g.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="global batch, split across torchrun processes"
-    )
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the prompts")
-    g.add_argument("--projector-lr", type=float, help="peak learning rate of the projector (default: --lr)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument(
-        "--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup share of the steps"
-    )
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: off)")
-    g.add_argument("--seed", type=int, default=d.seed, help="prompt init and data order")
-    g = p.add_argument_group("evaluation, checkpoints, output")
-    g.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="held-out evaluation every N steps (0: only at the end)",
-    )
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.ckpt beside the bundle)")
-    g.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps (0: never)"
-    )
-    g.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir"
-    )
-    g.add_argument(
-        "--publish-store", help="also publish the bundle into this BundleStore root (e.g. demo/bundles)"
-    )
-    g.add_argument("--push-url", help="also upload the bundle to this server (needs $M2PT_OPS_TOKEN)")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
-    g.add_argument(
-        "--dtype", default=d.dtype, help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"
-    )
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    """One flag per `TrainConfig` field, in field order and groups; help = the field's `metadata["help"]`."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str | None, Any] = {None: p}
+    exclusive: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        title = f.metadata.get("group")
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        target = groups[title]
+        if "exclusive" in f.metadata:
+            name = f.metadata["exclusive"]
+            if name not in exclusive:
+                exclusive[name] = target.add_mutually_exclusive_group()
+            target = exclusive[name]
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        target.add_argument(flag, dest=f.name, **_flag_kwargs(f, hints[f.name]))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -158,14 +98,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ablation(args: argparse.Namespace) -> int:
-    from training.ablation import main_from_args
-
-    return main_from_args(args)
-
-
 def add_train_commands(subparsers) -> None:
-    """Register `train` and `train-ablation` on the `m2pt` subparsers."""
+    """Register `train` on the `m2pt` subparsers."""
     p = subparsers.add_parser(
         "train",
         help="prompt-tune a frozen LLaVA with M²PT and export a bundle",
@@ -174,15 +108,6 @@ def add_train_commands(subparsers) -> None:
     )
     add_train_arguments(p)
     p.set_defaults(func=run_train)
-    from training.ablation import add_ablation_arguments
-
-    a = subparsers.add_parser(
-        "train-ablation",
-        help="digits ablation: base vs textual vs visual vs M²PT",
-        description="Train the ablation variants on digits and write docs/ablation.{md,png}.",
-    )
-    add_ablation_arguments(a)
-    a.set_defaults(func=run_ablation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,16 @@ weight decay, 3 epochs, 10 visual + 10 textual prompts per layer, Xavier-uniform
 projector. `batch_size` is the *global* batch: under torchrun each of N processes takes 1/N of it, so the same
 command gives the same optimisation whatever the process count. This module holds data only;
 `training.trainer` runs it.
+
+Each field's `metadata["help"]` is its documentation and the help of its `m2pt train` flag: `training.cli` builds
+the parser from these fields (flag `--field-name` unless `flag` says otherwise; `group`, `action`, `choices`,
+`required` and `exclusive` are the argparse details the type does not say).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,45 +25,92 @@ class ConfigError(ValueError):
     """An inconsistent or out-of-range training option; the message names the flag."""
 
 
+DATA, TRAINED, RECIPE, OUTPUT = (
+    "data",
+    "what is trained",
+    "recipe (M²PT defaults)",
+    "evaluation, checkpoints, output",
+)
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A field with a default and its flag's documentation (`cli`: argparse details, see the module docstring)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def required(help: str) -> Any:
+    """A field without a default: its flag is required."""
+    return field(metadata={"help": help, "required": True})
+
+
 @dataclass
 class TrainConfig:
-    base: str
-    data: str
-    out: str
-    name: str | None = None
-    version: str | None = None
-    # data
-    eval_data: str | None = None
-    image_folder: str | None = None
-    train_size: int | None = None
-    eval_size: int | None = None
-    eval_fraction: float = 0.1
-    on_bad_record: str = OnBad.FAIL.value
-    # what is trained
-    visual_prompts: int = 10
-    text_prompts: int = 10
-    tune_projector: bool = True
-    # recipe
-    steps: int | None = None
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 7e-4
-    projector_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    # evaluation, checkpoints, output
-    eval_every: int = 100
-    eval_batch_size: int = 64
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 200
-    resume: bool = False
-    publish_store: str | None = None
-    push_url: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
+    base: str = required("frozen LLaVA base: local directory or HF id (e.g. demo/base)")
+    data: str = required(
+        "LLaVA-format JSON file, or a built-in dataset: digits, digits:test, synthetic:<task>[,<task>]"
+    )
+    out: str = required("bundle directory to write (missing, empty, or an older bundle)")
+    name: str | None = option(None, "bundle name (default: the --out directory name)")
+    version: str | None = option(None, "bundle version (default: assigned by the store)")
+    eval_data: str | None = option(
+        None, "held-out dataset (default: digits:test for digits, a fixed split of a JSON file)", group=DATA
+    )
+    image_folder: str | None = option(
+        None, "folder that JSON image paths are relative to (default: the JSON's folder)", group=DATA
+    )
+    train_size: int | None = option(
+        None, "cap on training records (synthetic: number drawn, default 2000)", group=DATA
+    )
+    eval_size: int | None = option(
+        None, "cap on held-out records (synthetic: number drawn, default 200)", group=DATA
+    )
+    eval_fraction: float = option(0.1, "held-out share of a JSON file without --eval-data", group=DATA)
+    on_bad_record: str = option(
+        OnBad.FAIL.value,
+        "what to do with a bad record (missing/unreadable image, no <image>, empty answer)",
+        group=DATA,
+        choices=tuple(m.value for m in OnBad),
+    )
+    visual_prompts: int = option(10, "visual prompt tokens per ViT layer (0: none)", group=TRAINED)
+    text_prompts: int = option(10, "textual prompt tokens per LLM layer (0: none)", group=TRAINED)
+    tune_projector: bool = option(
+        True, "also train (a copy of) the vision-language projector, as M²PT does", group=TRAINED
+    )
+    steps: int | None = option(None, "optimiser steps (overrides --epochs)", group=RECIPE, exclusive="length")
+    epochs: float = option(3.0, "passes over the training set", group=RECIPE, exclusive="length")
+    batch_size: int = option(32, "global batch, split across torchrun processes", group=RECIPE)
+    lr: float = option(7e-4, "peak learning rate of the prompts", group=RECIPE)
+    projector_lr: float | None = option(
+        None, "peak learning rate of the projector (default: --lr)", group=RECIPE
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay of every trained tensor", group=RECIPE)
+    warmup_ratio: float = option(0.03, "linear warmup share of the steps", group=RECIPE)
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)", group=RECIPE)
+    seed: int = option(0, "prompt init and data order", group=RECIPE)
+    eval_every: int = option(100, "held-out evaluation every N steps (0: only at the end)", group=OUTPUT)
+    eval_batch_size: int = option(64, "rows per held-out evaluation batch", group=OUTPUT)
+    checkpoint_dir: str | None = option(
+        None, "where checkpoints go (default: OUT.ckpt beside the bundle)", group=OUTPUT
+    )
+    checkpoint_every: int = option(200, "checkpoint every N steps (0: never)", group=OUTPUT)
+    resume: bool = option(
+        False, "continue from the latest checkpoint in --checkpoint-dir", group=OUTPUT, action="store_true"
+    )
+    publish_store: str | None = option(
+        None, "also publish the bundle into this BundleStore root (e.g. demo/bundles)", group=OUTPUT
+    )
+    push_url: str | None = option(
+        None, "also upload the bundle to this server (needs $M2PT_OPS_TOKEN)", group=OUTPUT
+    )
+    device: str = option("auto", "auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)", group=OUTPUT)
+    dtype: str = option("auto", "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16", group=OUTPUT)
+    progress: bool = option(
+        True,
+        "progress bar while training (--no-progress: none)",
+        group=OUTPUT,
+        flag="--no-progress",
+        action="store_false",
+    )
 
     def validate(self) -> TrainConfig:
         """Raise `ConfigError` for a bad combination; returns self."""

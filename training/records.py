@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class DataError(ValueError):
     """The training data cannot be used as given; the message names the file/record and how to fix it."""
 
 
-class OnBad(str, Enum):
+class OnBad(StrEnum):
     SKIP = "skip"
     FAIL = "fail"
 

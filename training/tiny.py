@@ -2,7 +2,7 @@
 a Llama LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
 `LlavaForConditionalGeneration.from_pretrained` load them offline.
 
-Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a larger size.
+Tests build one in about a second; the demo base model (training/demo/base.py) uses the same builder at a larger size.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Contract of `train(cfg)`:
   steps and at the end. Checkpoints go to `cfg.checkpoint_path` every `checkpoint_every` steps; `resume`
   continues from the latest one and gives the same prompts as an uninterrupted run.
 - Rank 0 exports the bundle (`training.export`), then optionally publishes and pushes it.
-It does not parse command lines (`training.cli`) or compare variants (`training.ablation`).
+It does not parse command lines (`training.cli`) or compare variants (`training.demo.ablation`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""FastAPI dependencies: authentication of the two route groups, and access to the app's engine and settings.
+"""FastAPI dependencies: authentication of the two route groups, and access to the app's engine, settings and
+bundle store.
+
+The store, the served model's spec (uploads are validated against it) and the bundle limits are the app's own
+(`app.state.store` / `.spec` / `.bundle_limits`, put there by `server.app`): the ops routes reach the store
+through `StoreDep`, never through the engine.
 
 Auth contract (design.md §5, issue 4):
 - chat routes (`require_api_key`): when `Settings.api_key` is set, `Authorization: Bearer <key>` is required
@@ -15,13 +20,23 @@ which a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlis
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import SecretStr
 
 from server.api.errors import AuthError, ForbiddenError
 from server.engine.errors import EngineNotReadyError
 from server.settings import Settings
+
+if (
+    TYPE_CHECKING
+):  # types only: importing the store pulls in torch, which the HTTP layer does not need to import
+    from m2pt.spec import ModelSpec
+    from prompts_store.limits import BundleLimits
+    from prompts_store.store import BundleStore
+
+_STARTING = "the server is still starting (loading the model); retry when /ready answers 200"
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -50,6 +65,33 @@ def get_engine(request: Request):
     if engine is None:
         raise EngineNotReadyError("the model is still loading; retry when /ready answers 200")
     return engine
+
+
+def get_store(request: Request) -> BundleStore:
+    """The app's bundle store; 503 until the lifespan opened it."""
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        raise EngineNotReadyError(_STARTING)
+    return store
+
+
+def get_served_spec(request: Request) -> ModelSpec:
+    """The spec of the model this server runs (what uploads must fit); 503 until the model is loaded."""
+    spec = getattr(request.app.state, "spec", None)
+    if spec is None:
+        raise EngineNotReadyError(_STARTING)
+    return spec
+
+
+def get_bundle_limits(request: Request) -> BundleLimits:
+    """The limits every uploaded or loaded bundle must meet (from the settings)."""
+    return request.app.state.bundle_limits
+
+
+StoreDep = Annotated["BundleStore", Depends(get_store)]
+SpecDep = Annotated["ModelSpec", Depends(get_served_spec)]
+LimitsDep = Annotated["BundleLimits", Depends(get_bundle_limits)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def require_api_key(request: Request) -> None:

@@ -1,8 +1,9 @@
 """One place that turns every failure into `{"error": {"type", "message"}}` with the right HTTP status.
 
 Mapped here:
-- `ApiError` (this module; raised by routes, auth and image decoding): its own `status`, `error_type`,
-  `headers`;
+- `ApiError` (this module; raised by routes and auth): its own `status`, `error_type`, `headers`;
+- the image errors of `server.image_errors` (plain exceptions, no HTTP in them): `DOMAIN_ERRORS` gives each its
+  status and type;
 - `server.engine.errors.EngineError` (429/503 get `Retry-After`) and `prompts_store.errors.BundleError` (404
   unknown bundle, 400/413/422 bad bundle, 409 conflict): both carry `status` and `error_type`;
 - FastAPI's `RequestValidationError` (schema violations) → 400 with the field path and what is wrong;
@@ -10,7 +11,7 @@ Mapped here:
 - anything else → 500 "internal error" (details are logged, never sent: no tracebacks or library text to
   clients).
 
-This module does not decide statuses of domain errors; each error class carries its own.
+Engine and bundle errors carry their own status; the image errors get theirs here.
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.errors import EngineError
+from server.image_errors import ImageError, ImageTooLargeError, RemoteImageRefusedError
 
 log = logging.getLogger(__name__)
 
 # Statuses whose answers tell the client to come back later.
 RETRY_STATUSES = (429, 503)
+
+# Domain errors without an HTTP status of their own: (class, status, error type), most specific class first.
+DOMAIN_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (ImageTooLargeError, 413, "image_too_large"),
+    (RemoteImageRefusedError, 400, "remote_image_refused"),
+    (ImageError, 400, "invalid_image"),
+)
 
 
 class ApiError(Exception):
@@ -95,6 +104,9 @@ def describe_exception(exc: BaseException) -> tuple[int, str, str, dict[str, str
     """(status, type, message, headers) for any exception; unknown ones become an opaque 500."""
     if isinstance(exc, ApiError):
         return exc.status, exc.error_type, exc.message, exc.headers
+    for kind, status, error_type in DOMAIN_ERRORS:
+        if isinstance(exc, kind):
+            return status, error_type, str(exc), {}
     if isinstance(exc, EngineError) or _is_bundle_error(exc):
         headers = {}
         retry_after = getattr(exc, "retry_after_s", None)
@@ -156,6 +168,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _handle_any)
     app.add_exception_handler(ApiError, _handle_any)
     app.add_exception_handler(EngineError, _handle_any)
+    for kind, _, _ in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, _handle_any)
     try:
         from prompts_store.errors import BundleError
     except ImportError:

@@ -210,7 +210,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         "created": int(request.app.state.started_at),
         "owned_by": "m2pt",
     }
-    store = getattr(engine, "store", None)
+    store = getattr(request.app.state, "store", None)  # the app's store (server.api.deps.get_store)
     bundles = (
         await run_in_threadpool(_bundle_models, store, engine.base_model_id) if store is not None else []
     )

@@ -1,4 +1,4 @@
-"""Ops API over the engine's bundle store: upload, list, inspect, delete. Every route needs the ops token.
+"""Ops API over the server's bundle store: upload, list, inspect, delete. Every route needs the ops token.
 
 - `POST /v1/bundles`: multipart/form-data with files `manifest` (manifest.json) and `tensors`
   (tensors.safetensors), optional fields `name` and `version`. The bundle is validated against the SERVED
@@ -13,13 +13,14 @@
   get 404 at once; requests that already pinned it finish.
 
 Names are validated by the store before any path is built; store errors carry their own status
-(400/404/409/413/422). Store I/O runs in worker threads. This module does not load bundles onto the device
-(the engine does, on use).
+(400/404/409/413/422). Store I/O runs in worker threads. The store, the served spec and the limits come from
+`server.api.deps` (`StoreDep`, `SpecDep`, `LimitsDep`); this module never touches the engine, and does not load
+bundles onto the device (the engine does, on use).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -28,8 +29,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompts_store.names import parse_ref
-from server.api.deps import get_engine, get_settings, require_ops_token
+from server.api.deps import LimitsDep, SettingsDep, SpecDep, StoreDep, require_ops_token
 from server.api.errors import ApiError, PayloadTooLargeError
+
+if TYPE_CHECKING:
+    from prompts_store.store import BundleStore
 
 router = APIRouter(dependencies=[Depends(require_ops_token)])
 
@@ -44,9 +48,9 @@ class UploadError(ApiError):
 
 
 @router.post("/v1/bundles", status_code=201)
-async def upload_bundle(request: Request) -> JSONResponse:
-    settings = get_settings(request)
-    engine = get_engine(request)
+async def upload_bundle(
+    request: Request, settings: SettingsDep, store: StoreDep, spec: SpecDep, limits: LimitsDep
+) -> JSONResponse:
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise UploadError(f"wrong content type; {_UPLOAD_HELP}")
     try:
@@ -62,11 +66,8 @@ async def upload_bundle(request: Request) -> JSONResponse:
         version = _text_field(form.get("version"), "version")
     finally:
         await form.close()
-    from server.engine.wiring import bundle_limits_from_settings
-
-    limits = getattr(engine, "bundle_limits", None) or bundle_limits_from_settings(settings)
     ref = await run_in_threadpool(
-        engine.store.publish_files, manifest, tensors, engine.spec, limits, name=name, version=version
+        store.publish_files, manifest, tensors, spec, limits, name=name, version=version
     )
     body = {"bundle": ref.label, "name": ref.name, "version": ref.version, "content_hash": ref.content_hash}
     return JSONResponse(body, status_code=201)
@@ -108,8 +109,7 @@ def _text_field(value: Any, field: str) -> str | None:
 
 
 @router.get("/v1/bundles")
-async def list_bundles(request: Request) -> dict[str, Any]:
-    store = get_engine(request).store
+async def list_bundles(store: StoreDep) -> dict[str, Any]:
     infos = await run_in_threadpool(store.list)
     return {
         "bundles": [
@@ -125,8 +125,7 @@ async def list_bundles(request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/bundles/{ref}")
-async def inspect_bundle(ref: str, request: Request) -> dict[str, Any]:
-    store = get_engine(request).store
+async def inspect_bundle(ref: str, request: Request, store: StoreDep) -> dict[str, Any]:
     versions = await run_in_threadpool(store.inspect, ref)
     usage = bundle_usage(request.app.state.metrics)
     out = []
@@ -138,18 +137,17 @@ async def inspect_bundle(ref: str, request: Request) -> dict[str, Any]:
 
 
 @router.delete("/v1/bundles/{ref}")
-async def delete_bundle(ref: str, request: Request) -> dict[str, Any]:
+async def delete_bundle(ref: str, store: StoreDep) -> dict[str, Any]:
     name, version = parse_ref(ref)
-    return await _delete(request, name, version)
+    return await _delete(store, name, version)
 
 
 @router.delete("/v1/bundles/{name}/{version}")
-async def delete_bundle_version(name: str, version: str, request: Request) -> dict[str, Any]:
-    return await _delete(request, name, version)
+async def delete_bundle_version(name: str, version: str, store: StoreDep) -> dict[str, Any]:
+    return await _delete(store, name, version)
 
 
-async def _delete(request: Request, name: str, version: str | None) -> dict[str, Any]:
-    store = get_engine(request).store
+async def _delete(store: BundleStore, name: str, version: str | None) -> dict[str, Any]:
     refs = await run_in_threadpool(store.delete, name, version)
     return {"deleted": [r.label for r in refs]}
 

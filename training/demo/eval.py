@@ -4,10 +4,10 @@ Contract:
 - `answer(frozen, images, questions)` builds every prompt with the processor's chat template and the processor
   itself (exactly as a server does), runs `m2pt.forward.encode_images` + `prefill` + `decode_step` greedily,
   and returns the decoded answers (special tokens dropped, words joined by spaces).
-- `evaluate(frozen, tasks, n, seed)` scores `n` fixed examples per task (`training.synthetic.make_examples`)
+- `evaluate(frozen, tasks, n, seed)` scores `n` fixed examples per task (`training.demo.synthetic.make_examples`)
   by exact string match and returns per-task and overall accuracy.
 - The held-out set is `HELD_OUT_SEED`; training draws from its own stream and validates on `VALIDATION_SEED`.
-This module does NOT train, and writes no files (the CLI in training/demo_base.py does).
+This module does NOT train, and writes no files (the CLI in training/demo/base.py does).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.demo_data import processor_prompt_ids
-from training.synthetic import Example, make_examples
+from training.demo.data import processor_prompt_ids
+from training.demo.synthetic import Example, make_examples
 from training.tiny import EOS_ID
 
 log = logging.getLogger(__name__)

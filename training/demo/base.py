@@ -2,7 +2,7 @@
 
 Contract:
 - `m2pt demo train --out DIR [--steps N] [--seconds S] [--seed S]` builds a tiny LLaVA (`training.tiny`) with
-  the demo vocabulary (`training.synthetic.vocabulary()`), fully fine-tunes it on the mixed pretraining tasks
+  the demo vocabulary (`training.demo.synthetic.vocabulary()`), fully fine-tunes it on the mixed pretraining tasks
   with the recipe in `DemoRecipe` (loss on answer tokens only), then writes a loadable checkpoint,
   `metrics.json` (held-out greedy exact match per task, training seconds, steps, seed, command, validation
   curve) and optionally a curve PNG. The directory appears only when complete (written beside it, then
@@ -33,7 +33,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_BASE_DIR = REPO_ROOT / "demo" / "base"
 DEMO_EXAMPLES_DIR = REPO_ROOT / "demo" / "examples"
 
@@ -65,7 +65,7 @@ class DemoRecipe:
 def demo_model_config(seed: int = 0):  # -> TinyLlavaConfig
     """24×24 images in 8 px patches (one patch per grid cell), CLS kept: 10 image tokens; ~3.9 M
     parameters."""
-    from training.synthetic import vocabulary
+    from training.demo.synthetic import vocabulary
     from training.tiny import TinyLlavaConfig
 
     return TinyLlavaConfig(
@@ -95,7 +95,7 @@ def lr_factor(step: int, recipe: DemoRecipe) -> float:
 
 
 def _training_examples(rng: random.Random, tasks: list[str], recipe: DemoRecipe) -> list:
-    from training.synthetic import sample
+    from training.demo.synthetic import sample
 
     order = [tasks[i % len(tasks)] for i in range(recipe.batch_size)]
     rng.shuffle(order)
@@ -106,7 +106,7 @@ def _validate(model, batches: list, tasks_per_row: list[str]) -> dict[str, float
     """Teacher-forced exact match (= greedy exact match) on the validation batches, per task and overall."""
     import torch
 
-    from training.demo_data import sequence_loss_and_hits
+    from training.demo.data import sequence_loss_and_hits
 
     hits: list[bool] = []
     model.eval()
@@ -119,7 +119,7 @@ def _validate(model, batches: list, tasks_per_row: list[str]) -> dict[str, float
             ).logits  # [B, T, V]
             hits += sequence_loss_and_hits(logits, batch.labels)[1].tolist()
     model.train()
-    out = {t: 0.0 for t in dict.fromkeys(tasks_per_row)}
+    out = dict.fromkeys(dict.fromkeys(tasks_per_row), 0.0)
     for task in out:
         rows = [h for h, t in zip(hits, tasks_per_row, strict=True) if t == task]
         out[task] = sum(rows) / len(rows)
@@ -131,7 +131,7 @@ def _train_step(model, optimizer, scheduler, batch, grad_clip: float) -> float:
     """One AdamW step on answer-token cross-entropy; returns the loss."""
     import torch
 
-    from training.demo_data import sequence_loss_and_hits
+    from training.demo.data import sequence_loss_and_hits
 
     logits = model(
         input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask
@@ -167,9 +167,9 @@ def run_training(recipe: DemoRecipe, seed: int, seconds: float | None = None):
     """Train from scratch; returns (model, TinyLlavaConfig, curve, stats). No files are written here."""
     from tqdm import tqdm
 
-    from training.demo_data import PromptEncoder, collate, filler_token_ids
-    from training.demo_eval import VALIDATION_SEED
-    from training.synthetic import TASKS, make_examples
+    from training.demo.data import PromptEncoder, collate, filler_token_ids
+    from training.demo.eval import VALIDATION_SEED
+    from training.demo.synthetic import TASKS, make_examples
 
     cfg, processor, model, optimizer, scheduler = _build(recipe, seed)
     encoder = PromptEncoder(processor.tokenizer, model.config.image_seq_length)
@@ -298,8 +298,8 @@ def train_command(args: argparse.Namespace) -> int:
     import transformers
 
     from m2pt.loading import load_frozen_llava
-    from training.demo_eval import evaluate
-    from training.synthetic import HELD_OUT_TASKS, TASKS
+    from training.demo.eval import evaluate
+    from training.demo.synthetic import HELD_OUT_TASKS, TASKS
     from training.tiny import build_tiny_llava
 
     recipe = DemoRecipe(steps=args.steps, held_out_per_task=args.eval_n)
@@ -361,8 +361,8 @@ def _load(args: argparse.Namespace):  # -> FrozenLlava
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from training.demo_eval import HELD_OUT_SEED, evaluate, format_table
-    from training.synthetic import HELD_OUT_TASKS, TASKS
+    from training.demo.eval import HELD_OUT_SEED, evaluate, format_table
+    from training.demo.synthetic import HELD_OUT_TASKS, TASKS
 
     if args.n < 1:
         raise DemoError("--n must be at least 1")
@@ -379,7 +379,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def ask_command(args: argparse.Namespace) -> int:
-    from training.demo_examples import DemoImageError, ask, load_image
+    from training.demo.examples import DemoImageError, ask, load_image
 
     try:
         image = load_image(args.image)
@@ -390,7 +390,7 @@ def ask_command(args: argparse.Namespace) -> int:
 
 
 def examples_command(args: argparse.Namespace) -> int:
-    from training.demo_examples import record_answers, write_examples
+    from training.demo.examples import record_answers, write_examples
 
     paths = write_examples(args.out)
     records = record_answers(_load(args), args.out)

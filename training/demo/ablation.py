@@ -10,7 +10,7 @@ that training never sees), with the same steps, global batch and seed; only the 
 - optional `projector` (projector only) and `prompts` (both prompt kinds, projector frozen), to show where the
   gain comes from.
 Writes a Markdown table (with the command to rerun it), a JSON file with every number, and a bar chart PNG.
-Run: `m2pt train-ablation --base demo/base` or `python -m training.ablation --base demo/base`. This module
+Run: `m2pt train-ablation --base demo/base` or `python -m training.demo.ablation --base demo/base`. This module
 does not implement training; it calls `training.trainer.train` once per variant.
 """
 
@@ -165,8 +165,10 @@ def markdown(rows: list[Row], args: argparse.Namespace, command: str) -> str:
         )
     lines += [
         "",
-        f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, "
-        f"{args.prompt_len} prompt tokens per layer.",
+        (
+            f"Chance is 10 %. Global batch {args.batch_size}, seed {args.seed}, "
+            f"{args.prompt_len} prompt tokens per layer."
+        ),
         "",
         "Rerun (writes this file, `docs/ablation.json` and `docs/ablation.png`):",
         "",
@@ -280,8 +282,21 @@ def main_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ablation_command(subparsers) -> None:
+    """Register `m2pt train-ablation` on the `m2pt` subparsers."""
+    a = subparsers.add_parser(
+        "train-ablation",
+        help="digits ablation: base vs textual vs visual vs M²PT",
+        description="Train the ablation variants on digits and write docs/ablation.{md,png}.",
+    )
+    add_ablation_arguments(a)
+    a.set_defaults(func=main_from_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.ablation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.demo.ablation", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--log-level", default="INFO")
     add_ablation_arguments(parser)
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ Contract:
   the images go through the model's own `processor.image_processor`, the one the server uses.
 - `augment_unknown` optionally swaps filler words for `<unk>` or inserts one, so the model learns that unknown
   words carry no meaning (the tokenizer maps every out-of-vocabulary word to `<unk>`).
-This module does NOT draw images (training/synthetic.py does) or run the model.
+This module does NOT draw images (training/demo/synthetic.py does) or run the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from training.synthetic import FILLER_WORDS, Example
+from training.demo.synthetic import FILLER_WORDS, Example
 from training.tiny import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, UNK_ID
 
 IGNORE_INDEX = -100

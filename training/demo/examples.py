@@ -1,11 +1,11 @@
 """The README's example images and questions for the demo base model; asking the model about a local image.
 
 Contract:
-- `EXAMPLES` names each example image (drawn by `training.synthetic.draw_scene` at 256 px), the natural
+- `EXAMPLES` names each example image (drawn by `training.demo.synthetic.draw_scene` at 256 px), the natural
   questions the README may send with it, and the answers a correct model gives. `write_examples(dir)` writes
   the PNGs.
 - `ask(frozen, image, question)` answers one question about one image through the serving code path
-  (`training.demo_eval.answer`: the processor's chat template, `m2pt.forward`, greedy decoding).
+  (`training.demo.eval.answer`: the processor's chat template, `m2pt.forward`, greedy decoding).
 - `load_image(path)` opens a local PNG/JPEG/WEBP as RGB (other formats are refused with `DemoImageError`).
 - `record_answers(frozen, dir)` returns what the model answers for every example question (for the README).
 This module does NOT train and does NOT serve HTTP; local paths are for the command line only.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from training.synthetic import draw_scene
+from training.demo.synthetic import draw_scene
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -94,7 +94,7 @@ def load_image(path: str | Path) -> Image.Image:
 
 def ask(frozen, image: Image.Image, question: str) -> str:
     """The model's greedy answer to one question about one image."""
-    from training.demo_eval import answer
+    from training.demo.eval import answer
 
     return answer(frozen, [image], [question])[0]
 
