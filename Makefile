@@ -3,12 +3,14 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-all bench
+.PHONY: setup serve test test-all bench check-install
+# Flags for `m2pt serve`, e.g. `make serve ARGS="--host 0.0.0.0 --port 9000"`.
+ARGS ?=
 setup:
 	bash scripts/setup.sh
 
 serve: setup
-	$(VENV)/bin/m2pt serve
+	$(VENV)/bin/m2pt serve $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
@@ -16,6 +18,10 @@ test: setup
 # Slow checks too (marked `slow`): the whole demo-model evaluation, longer training runs.
 test-all: setup
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+# A brand-new venv installed with constraints.txt, checked against it (CI runs this; about a minute).
+check-install:
+	bash scripts/check_clean_install.sh
 
 bench: setup
 	$(VENV)/bin/python -m bench.serve_bench --out bench/results

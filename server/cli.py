@@ -104,12 +104,14 @@ def run_serve(args: argparse.Namespace) -> int:
     """Validate the settings, build the app and run uvicorn until it is stopped. Returns the exit status."""
     from pydantic import ValidationError
 
+    from m2pt.preflight import UntestedTransformersError, check_transformers_version
     from server.settings import SettingsError
 
     try:
         settings = settings_from_args(args)
         settings.check_paths()
-    except (ValidationError, SettingsError) as exc:
+        check_transformers_version()
+    except (ValidationError, SettingsError, UntestedTransformersError) as exc:
         for line in describe_settings_error(exc).splitlines():
             sys.stderr.write(f"m2pt serve: {line}\n")
         return 2
