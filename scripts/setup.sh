@@ -4,7 +4,7 @@
 # 1. torch==$TORCH_VERSION first, the build that fits the host:
 #    - a wheel pip already has locally (its configured find-links) is used when it satisfies the pin, offline;
 #    - else, with no GPU (no `nvidia-smi`), the CPU build from PyTorch's own CPU wheel index (no multi-GB CUDA
-#      download on CPU-only machines);
+#      download on CPU-only machines), falling back to pip's configured indexes when that index is unreachable;
 #    - with a GPU, the default (CUDA) build.
 #    M2PT_TORCH=cpu|cuda overrides the detection (the Docker build has no GPU but wants CUDA); TORCH_CPU_INDEX_URL
 #    overrides the CPU index.
@@ -57,7 +57,10 @@ install_torch() {
       return
     fi
     echo "[setup] installing torch==$TORCH_VERSION (CPU build) from $TORCH_CPU_INDEX_URL"
-    "${PIP[@]}" install --no-deps --index-url "$TORCH_CPU_INDEX_URL" "torch==$TORCH_VERSION"
+    if ! "${PIP[@]}" install --no-deps --index-url "$TORCH_CPU_INDEX_URL" "torch==$TORCH_VERSION"; then
+      echo "[setup] warning: $TORCH_CPU_INDEX_URL unreachable; falling back to pip's configured indexes" >&2
+      "${PIP[@]}" install --no-deps "torch==$TORCH_VERSION"
+    fi
   else
     echo "[setup] installing torch==$TORCH_VERSION (CUDA build, the default one)"
     "${PIP[@]}" install "torch==$TORCH_VERSION"
