@@ -3,7 +3,7 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    VENV=/opt/m2pt/.venv
+    VENV=/opt/m2pt/.venv M2PT_STORE=/data/bundles
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip curl make \
     && rm -rf /var/lib/apt/lists/*
 

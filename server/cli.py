@@ -1,11 +1,12 @@
 """`m2pt serve`: run the HTTP server (uvicorn) on a model and a bundle store.
 
-With no arguments it serves the shipped demo model (`demo/base`) and demo bundles (`demo/bundles`) on
-127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does). Every
-flag maps to one `server.settings.Settings` field; the help text is the field's documentation. Secrets come
-from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). Bad settings print
-one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
---log-level`.
+With no arguments it serves the shipped demo model (`demo/base`) with the user's bundle store (`--store`,
+default `$M2PT_HOME/bundles`, where uploads go) and, read-only behind it, the shipped demo bundles
+(`demo/bundles`), on 127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the
+Dockerfile does). Every flag maps to one `server.settings.Settings` field; the help text is the field's
+documentation. Secrets come from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops
+routes). Bad settings print one line per problem and exit with status 2 before anything is loaded. The log
+level is the global `m2pt --log-level`.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside `run_serve`, not at import time.
 """
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"metavar": "PATH_OR_HF_ID"}),
     ("--store", "store", {"metavar": "DIR"}),
+    ("--demo-store", "demo_store", {"metavar": "DIR"}),
     ("--host", "host", {}),
     ("--port", "port", {"type": int}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),

@@ -110,7 +110,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir"
     )
     g.add_argument(
-        "--publish-store", help="also publish the bundle into this BundleStore root (e.g. demo/bundles)"
+        "--publish-store",
+        help="also publish the bundle into this BundleStore root (e.g. ~/.local/share/m2pt/bundles, the "
+        "user store m2pt serve reads; the shipped demo store is read-only)",
     )
     g.add_argument("--push-url", help="also upload the bundle to this server (needs $M2PT_OPS_TOKEN)")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
@@ -142,6 +144,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
+    cfg = None
     try:
         cfg = config_from_args(args)
         result = train(cfg)
@@ -149,6 +152,8 @@ def run_train(args: argparse.Namespace) -> int:
         log.error("%s: %s", type(exc).__name__, exc)
         sys.stderr.write(f"m2pt train: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(cfg)
     if result.bundle_dir is not None:
         acc = "n/a" if result.final_accuracy is None else f"{100 * result.final_accuracy:.1f}%"
         sys.stdout.write(
@@ -156,6 +161,15 @@ def run_train(args: argparse.Namespace) -> int:
             f"{result.steps} steps, {result.seconds:.0f} s)\n"
         )
     return 0
+
+
+def report_interrupt(cfg: TrainConfig | None) -> int:
+    """Ctrl-C: one line with the `--resume` hint, no traceback; exit status 130 (a shell's SIGINT)."""
+    from training.interrupt import interrupted_message
+
+    message = interrupted_message(cfg) if cfg is not None else "m2pt train: interrupted"
+    sys.stderr.write("\n" + message + "\n")
+    return 130
 
 
 def run_ablation(args: argparse.Namespace) -> int:
