@@ -3,20 +3,24 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-all bench check-install
+.PHONY: setup setup-browser serve test test-all bench check-install
 # Flags for `m2pt serve`, e.g. `make serve ARGS="--host 0.0.0.0 --port 9000"`.
 ARGS ?=
 setup:
 	bash scripts/setup.sh
 
+# Debian chromium + chromium-driver for the playground's browser test (apt, when missing and root).
+setup-browser:
+	bash scripts/setup_browser.sh
+
 serve: setup
 	$(VENV)/bin/m2pt serve $(ARGS)
 
-test: setup
+test: setup setup-browser
 	$(VENV)/bin/python -m pytest -q
 
 # Slow checks too (marked `slow`): the whole demo-model evaluation, longer training runs.
-test-all: setup
+test-all: setup setup-browser
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
 
 # A brand-new venv installed with constraints.txt, checked against it (CI runs this; about a minute).

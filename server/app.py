@@ -9,11 +9,11 @@
 `app.state` holds `settings`, `metrics` (`server.metrics.ServerMetrics`, shared with the engine) and `engine`
 (None until the lifespan built it; routes then answer 503).
 
-Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route
-must carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one
-does not, so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema
-are not served. Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted
-by bundle and status.
+Security by construction: `/health`, `/ready`, `/metrics` and the playground page (`/`, `/playground`) are the
+only public routes. Every other route must carry one of the auth dependencies of `server.api.deps`
+(router-level), and `create_app` raises if one does not, so a new route cannot be added unprotected by
+mistake. The interactive docs and the OpenAPI schema are not served. Request bodies are capped by
+`BodyLimitMiddleware` before parsing; chat requests are counted by bundle and status.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Mount
 
-from server.api import routes_chat, routes_health, routes_openai, routes_ops
+from server.api import routes_chat, routes_health, routes_openai, routes_ops, routes_playground
 from server.api.deps import AUTH_DEPENDENCIES
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
 UPLOAD_PATHS = frozenset({"/v1/bundles"})
+PUBLIC_PATHS = routes_health.PUBLIC_PATHS | routes_playground.PUBLIC_PATHS
 
 
 class UnprotectedRouteError(RuntimeError):
@@ -64,6 +65,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.include_router(routes_chat.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_playground.router)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
@@ -91,7 +93,7 @@ def check_routes_protected(app: FastAPI) -> None:
     """Raise `UnprotectedRouteError` unless every route is public by name or has an auth dependency."""
     for route in iter_routes(app.routes):
         if isinstance(route, APIRoute):
-            if route.path in routes_health.PUBLIC_PATHS:
+            if route.path in PUBLIC_PATHS:
                 continue
             if any(dep.dependency in AUTH_DEPENDENCIES for dep in route.dependencies):
                 continue
