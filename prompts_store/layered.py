@@ -22,6 +22,7 @@ write interface the server, the CLI and training use:
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
 import logging
@@ -144,7 +145,7 @@ class LayeredBundleStore:
                 continue
         return out
 
-    def inspect(self, ref: str) -> list[VersionInfo]:
+    def inspect(self, ref: str) -> builtins.list[VersionInfo]:
         """Every version of `name` across the layers (oldest layer first), or the one `name@version` names."""
         name, version = parse_ref(ref)
         latest = self.resolve(name)
@@ -190,7 +191,10 @@ class LayeredBundleStore:
     ) -> BundleRef:
         """Validate and publish into the writable layer, numbering after the read-only layers' versions."""
         target = name or _manifest_name(manifest_bytes)
-        shadowed = [v for layer in self.read_only for v in (_versions(layer, target) if target else [])]
+        try:
+            shadowed = [v for layer in self.read_only for v in (_versions(layer, target) if target else [])]
+        except BundleError:  # a bad name: the writable store reports it in its ordered validation
+            return self.writable.publish_files(manifest_bytes, tensor_bytes, spec, limits, name, version)
         if version is not None and version in shadowed:
             raise BundleConflictError(
                 f"{target}@{version} already exists (a shipped, read-only bundle); publish under a new "
@@ -212,7 +216,7 @@ class LayeredBundleStore:
                 continue
         raise BundleConflictError(f"could not allocate a new version of {target}; try again")
 
-    def delete(self, name: str, version: str | None = None) -> list[BundleRef]:
+    def delete(self, name: str, version: str | None = None) -> builtins.list[BundleRef]:
         """Delete from the writable layer (and the curves training wrote beside it); see the module
         contract."""
         mine = _versions(self.writable, name)
