@@ -122,11 +122,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     log.info(
-        "starting m2pt serve on http://%s:%d (model %s, store %s)",
+        "starting m2pt serve on http://%s:%d, playground at / (model %s, store %s, read-only beside it: %s)",
         settings.host,
         settings.port,
         settings.model,
         settings.store,
+        ", ".join(map(str, settings.read_only_stores)) or "none",
     )
     uvicorn.run(
         create_app(settings),

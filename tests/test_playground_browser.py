@@ -7,6 +7,7 @@ missing the test FAILS (run `make setup-browser`), it never skips."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -189,8 +190,6 @@ def test_stop_aborts_the_request_on_the_server(browser, server):
 
 
 def test_an_oversized_image_shows_the_servers_413_message(browser, server, tmp_path):
-    import base64
-
     from selenium.webdriver.common.by import By
 
     big = tmp_path / "wide.png"
@@ -206,3 +205,30 @@ def test_an_oversized_image_shows_the_servers_413_message(browser, server, tmp_p
     (panel,) = ask(browser, "What is this?", big, 1)
     status = panel.find_element(By.CLASS_NAME, "status").text
     assert status == f"413 {error['type']}: {error['message']}"
+
+
+def test_drop_and_paste_give_a_preview_and_non_images_are_refused(browser, server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server)
+    data = base64.b64encode(DIGIT_7.read_bytes()).decode()
+    script = """
+      const [kind, b64, name, type] = arguments;
+      const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      dt.items.add(new File([bytes], name, {type}));
+      const event = kind === "drop"
+        ? new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true})
+        : new ClipboardEvent("paste", {clipboardData: dt, bubbles: true});
+      (kind === "drop" ? document.getElementById("drop") : document).dispatchEvent(event);
+    """
+    for kind, name in (("drop", "dropped_7.png"), ("paste", "pasted_7.png")):
+        assert not browser.find_element(By.ID, "preview").is_displayed()
+        browser.execute_script(script, kind, data, name, "image/png")
+        wait_for(browser, lambda b: b.find_element(By.ID, "preview").is_displayed())
+        assert browser.find_element(By.ID, "image-info").text.startswith(name)
+        browser.find_element(By.ID, "clear-image").click()
+    browser.execute_script(
+        script, "drop", base64.b64encode(b"not an image").decode(), "notes.txt", "text/plain"
+    )
+    assert browser.find_element(By.ID, "error").text == "that is not an image file"
