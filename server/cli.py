@@ -63,8 +63,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     for flag, field, kwargs in _FLAGS:
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=False)
+        says_default = info.default_factory is not None or "default" in (info.description or "")
         kwargs = {"default": None, **kwargs}
-        parser.add_argument(flag, dest=field, help=f"{info.description} (default: {default})", **kwargs)
+        shown = info.description if says_default else f"{info.description} (default: {default})"
+        parser.add_argument(flag, dest=field, help=shown, **kwargs)
     parser.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,

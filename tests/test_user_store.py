@@ -213,3 +213,19 @@ def test_ops_api_uploads_to_the_user_store_and_refuses_demo_deletes(tiny, demo_d
         assert client.delete("/v1/bundles/digits", headers=auth).status_code == 403
     assert (tmp_path / "user" / "digits" / "index.json").is_file()
     assert tree_snapshot(demo_dir) == before
+
+
+def test_serve_store_flags(tmp_path):
+    import argparse
+
+    from server.cli import add_serve_command, settings_from_args
+    from server.settings import Settings, SettingsError
+
+    parser = argparse.ArgumentParser(prog="m2pt")
+    add_serve_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--store", str(tmp_path / "u"), "--demo-store", str(tmp_path)])
+    settings = settings_from_args(args)
+    assert (settings.store, settings.read_only_stores) == (tmp_path / "u", [tmp_path])
+    assert Settings(model="llava-hf/llava-1.5-7b-hf").read_only_stores == []  # demo bundles fit the demo only
+    with pytest.raises(SettingsError, match="--demo-store .* is not a directory"):
+        Settings(demo_store=tmp_path / "typo").check_paths()
