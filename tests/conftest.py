@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -13,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Nothing a test trains, publishes or uploads may land in the real user store (~/.local/share/m2pt).
 os.environ["M2PT_HOME"] = tempfile.mkdtemp(prefix="m2pt-test-home-")
+atexit.register(shutil.rmtree, os.environ["M2PT_HOME"], ignore_errors=True)
 os.environ.pop("M2PT_STORE", None)
 
 
