@@ -1,15 +1,16 @@
-# m2pt-serve on a CUDA-capable base. Uses the same install script as the README (`scripts/setup.sh`).
+# m2pt-serve on a CUDA-capable base. Uses the same install script as the README (`scripts/setup.sh`); the build
+# has no GPU to detect, so M2PT_TORCH=cuda asks for the CUDA torch build.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    VENV=/opt/m2pt/.venv
+    VENV=/opt/m2pt/.venv M2PT_STORE=/data/bundles
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip curl make \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 10001 m2pt
 WORKDIR /opt/m2pt
 COPY --chown=m2pt:m2pt . /opt/m2pt
-RUN bash scripts/setup.sh && mkdir -p /data/bundles && chown -R m2pt:m2pt /data /opt/m2pt
+RUN M2PT_TORCH=cuda bash scripts/setup.sh && mkdir -p /data/bundles && chown -R m2pt:m2pt /data /opt/m2pt
 
 USER m2pt
 ENV PATH=/opt/m2pt/.venv/bin:$PATH

@@ -3,14 +3,20 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup serve test test-all lint bench
+.PHONY: setup setup-browser serve test test-all lint bench check-install
+# Flags for `m2pt serve`, e.g. `make serve ARGS="--host 0.0.0.0 --port 9000"`.
+ARGS ?=
 setup:
 	bash scripts/setup.sh
 
-serve: setup
-	$(VENV)/bin/m2pt serve
+# Debian chromium + chromium-driver for the playground's browser test (apt, when missing and root).
+setup-browser:
+	bash scripts/setup_browser.sh
 
-test: setup
+serve: setup
+	$(VENV)/bin/m2pt serve $(ARGS)
+
+test: setup setup-browser
 	$(VENV)/bin/python -m pytest -q
 
 # Format check, lint and type check (CI runs this before `make test`). Config: pyproject.toml.
@@ -20,8 +26,12 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # Slow checks too (marked `slow`): the whole demo-model evaluation, longer training runs.
-test-all: setup
+test-all: setup setup-browser
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+# A brand-new venv installed with constraints.txt, checked against it (CI runs this; about a minute).
+check-install:
+	bash scripts/check_clean_install.sh
 
 bench: setup
 	$(VENV)/bin/python -m bench.serve_bench --out bench/results

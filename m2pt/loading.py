@@ -106,6 +106,10 @@ def load_frozen_llava(name_or_path: str, device: str = "auto", dtype: str = "aut
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from m2pt.preflight import check_model_source, check_transformers_version
+
+    check_transformers_version()
+    check_model_source(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     log.info("loading %s on %s as %s", name_or_path, dev, dt)

@@ -2,8 +2,11 @@
 
 `add_bundle_commands(subparsers)` registers `bundle` and its subcommands; each sets `func(args) -> int` (exit
 code: 0 ok, 1 the bundle/store/server refused, with the reason on stderr). Output goes to stdout (JSON where
-structured). `--store` defaults to `$M2PT_STORE`, else the store `m2pt serve` uses by default
-(`<repo>/demo/bundles`). `--model` reads only the checkpoint's config (no weights are loaded). Heavy imports
+structured). Stores: `publish` and `rm` change the user store (`--store`, default `$M2PT_STORE`, else
+`$M2PT_HOME/bundles`, M2PT_HOME defaulting to `~/.local/share/m2pt`), never the shipped demo bundles
+(read-only: deleting one is refused); `list` and `inspect` without `--store` show the user store with the
+demo bundles beside it, as `m2pt serve` serves them, and never create a directory (a mistyped `--store` is
+an error). `--model` reads only the checkpoint's config (no weights are loaded). Heavy imports
 happen inside the command functions. `main(argv)` runs `m2pt bundle`-style argv without the rest of the
 console script. This module does not serve HTTP.
 """
@@ -19,12 +22,52 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-DEFAULT_STORE = Path(__file__).resolve().parents[1] / "demo" / "bundles"
 TOKEN_ENV = "M2PT_OPS_TOKEN"
+DEMO_WRITE_ENV = "M2PT_WRITE_DEMO_STORE"  # maintainers rebuilding the shipped demo bundles only
+
+
+class StoreChoiceError(ValueError):
+    """A `--store` this command cannot use (missing for a read, the read-only demo store for a write)."""
 
 
 def default_store() -> str:
-    return os.environ.get("M2PT_STORE") or str(DEFAULT_STORE)
+    """The writable user store (`$M2PT_STORE`, else `$M2PT_HOME/bundles`)."""
+    from prompts_store.layered import user_store_dir
+
+    return str(user_store_dir())
+
+
+def read_view(store: str | None):
+    """The store `list` / `inspect` read, never creating anything: an explicit `--store` (which must exist),
+    else the user store (when it exists) layered over the shipped demo bundles, as `m2pt serve` shows them."""
+    from prompts_store.layered import DEMO_STORE_DIR, LayeredBundleStore, ReadOnlyBundleStore
+
+    if store is not None:
+        if not Path(store).expanduser().is_dir():
+            raise StoreChoiceError(f"--store {store}: no such bundle store directory (check the spelling)")
+        return ReadOnlyBundleStore(Path(store).expanduser())
+    roots = [Path(default_store()), DEMO_STORE_DIR]
+    layers = [ReadOnlyBundleStore(r) for r in dict.fromkeys(r.resolve() for r in roots) if r.is_dir()]
+    if not layers:
+        raise StoreChoiceError(f"no bundle store yet: {default_store()} does not exist")
+    return LayeredBundleStore(layers[0], layers[1:])
+
+
+def write_store(store: str | None, must_exist: bool):
+    """The store `publish` / `rm` change: `--store` (default: the user store, created if missing) layered over
+    the demo bundles, so versions continue after theirs and the demo ones cannot be deleted. Writing into the
+    demo store itself is refused unless `$M2PT_WRITE_DEMO_STORE=1`."""
+    from prompts_store.layered import DEMO_STORE_DIR, open_layered_store, same_dir
+
+    root = Path(store).expanduser() if store is not None else Path(default_store())
+    if store is not None and must_exist and not root.is_dir():
+        raise StoreChoiceError(f"--store {store}: no such bundle store directory (check the spelling)")
+    if same_dir(root, DEMO_STORE_DIR) and os.environ.get(DEMO_WRITE_ENV) != "1":
+        raise StoreChoiceError(
+            f"{root} holds the shipped demo bundles and is read-only; publish to the user store (the "
+            f"default, {default_store()}) or another --store"
+        )
+    return open_layered_store(root, [DEMO_STORE_DIR])
 
 
 def _out(payload: Any) -> None:
@@ -82,14 +125,26 @@ def _dir_summary(path: Path) -> dict[str, Any]:
     }
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from prompts_store.store import BundleStore
+def inspect_target(target: str, store: str | None) -> Any:
+    """What `inspect` shows for a bundle directory, a name directory inside a store (`demo/bundles/digits`),
+    `STORE_DIR/NAME[@VERSION]`, or `NAME[@VERSION]` in the store view (`read_view`)."""
+    from prompts_store.manifest import MANIFEST_FILE
+    from prompts_store.store_index import INDEX_FILE
 
-    target = Path(args.target)
-    if target.is_dir():
-        _out(_dir_summary(target))
-    else:
-        _out([v.to_json() for v in BundleStore(args.store).inspect(args.target)])
+    path = Path(target).expanduser()
+    if (path / MANIFEST_FILE).is_file():
+        return _dir_summary(path)
+    if (path / INDEX_FILE).is_file():
+        return [v.to_json() for v in read_view(str(path.parent)).inspect(path.name)]
+    if "/" in target and path.parent.is_dir() and not path.exists():
+        return [v.to_json() for v in read_view(str(path.parent)).inspect(path.name)]
+    if path.exists():
+        raise StoreChoiceError(f"{target} is neither a bundle directory nor a bundle name in a store")
+    return [v.to_json() for v in read_view(store).inspect(target)]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _out(inspect_target(args.target, args.store))
     return 0
 
 
@@ -107,9 +162,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from prompts_store.store import BundleStore
-
-    infos = BundleStore(args.store).list()
+    infos = read_view(args.store).list()
     if args.json:
         _out(
             [
@@ -132,19 +185,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from prompts_store.names import parse_ref
-    from prompts_store.store import BundleStore
 
     name, version = parse_ref(args.ref)
-    refs = BundleStore(args.store).delete(name, version)
+    refs = write_store(args.store, must_exist=True).delete(name, version)
     _out("deleted " + " ".join(r.label for r in refs))
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from prompts_store.store import BundleStore
-
     spec = spec_from_checkpoint(args.model) if args.model else None
-    ref = BundleStore(args.store).publish(
+    ref = write_store(args.store, must_exist=False).publish(
         args.dir, name=args.name, version=args.version, spec=spec, limits=_limits(args)
     )
     _out({"bundle": ref.label, "content_hash": ref.content_hash, "path": str(ref.path)})
@@ -196,7 +246,7 @@ def _guarded(func):
             return func(args)
         except BundleError as exc:
             return _fail(f"{exc} [{exc.error_type}]")
-        except OSError as exc:
+        except (OSError, StoreChoiceError) as exc:
             return _fail(str(exc))
 
     run.__name__ = func.__name__
@@ -215,11 +265,14 @@ def add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `bundle` with subcommands inspect, validate, list, rm, push, publish."""
     bundle = subparsers.add_parser("bundle", help="inspect, validate, publish and manage prompt bundles")
     sub = bundle.add_subparsers(dest="bundle_command", required=True)
-    store_help = "bundle store directory (default: $M2PT_STORE, else the demo store m2pt serve uses)"
+    store_help = (
+        "bundle store directory (default: the user store $M2PT_STORE, else $M2PT_HOME/bundles = "
+        "~/.local/share/m2pt/bundles; list and inspect also show the shipped demo bundles beside it)"
+    )
 
     p = sub.add_parser("inspect", help="show a bundle directory, or a stored bundle NAME / NAME@VERSION")
     p.add_argument("target", help="bundle directory, or NAME / NAME@VERSION in the store")
-    p.add_argument("--store", default=default_store(), help=store_help)
+    p.add_argument("--store", help=store_help)
     p.set_defaults(func=_guarded(cmd_inspect))
 
     p = sub.add_parser("validate", help="run every load-time check on a bundle directory")
@@ -229,13 +282,13 @@ def add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_guarded(cmd_validate))
 
     p = sub.add_parser("list", help="list the bundles in a store")
-    p.add_argument("--store", default=default_store(), help=store_help)
+    p.add_argument("--store", help=store_help)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_guarded(cmd_list))
 
     p = sub.add_parser("rm", help="delete NAME (every version) or NAME@VERSION from a store")
     p.add_argument("ref", metavar="NAME[@VERSION]")
-    p.add_argument("--store", default=default_store(), help=store_help)
+    p.add_argument("--store", help=store_help)
     p.set_defaults(func=_guarded(cmd_rm))
 
     p = sub.add_parser("push", help="upload a bundle directory to a running server (POST URL/v1/bundles)")
@@ -251,7 +304,7 @@ def add_bundle_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("publish", help="validate a bundle directory and publish it into a store as NAME@vN")
     p.add_argument("dir", help="bundle directory")
-    p.add_argument("--store", default=default_store(), help=store_help)
+    p.add_argument("--store", help=store_help)
     p.add_argument("--name", help="publish under this name (default: the manifest's)")
     p.add_argument("--version", help="explicit version (default: the next v<N>)")
     p.add_argument("--model", help="base model dir or hub id to check compatibility against (config only)")

@@ -11,11 +11,11 @@
 settings). The routes reach the store through `server.api.deps.StoreDep`, never through the engine; the
 lifespan hands the app the same `BundleStore` instance the engine serves from.
 
-Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route
-must carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one
-does not, so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema
-are not served. Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted
-by bundle and status.
+Security by construction: `/health`, `/ready`, `/metrics` and the playground page (`/`, `/playground`) are the
+only public routes. Every other route must carry one of the auth dependencies of `server.api.deps`
+(router-level), and `create_app` raises if one does not, so a new route cannot be added unprotected by
+mistake. The interactive docs and the OpenAPI schema are not served. Request bodies are capped by
+`BodyLimitMiddleware` before parsing; chat requests are counted by bundle and status.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Mount
 
-from server.api import routes_chat, routes_health, routes_openai, routes_ops
+from server.api import routes_chat, routes_health, routes_openai, routes_ops, routes_playground
 from server.api.deps import AUTH_DEPENDENCIES
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
 UPLOAD_PATHS = frozenset({"/v1/bundles"})
+PUBLIC_PATHS = routes_health.PUBLIC_PATHS | routes_playground.PUBLIC_PATHS
 
 
 class UnprotectedRouteError(RuntimeError):
@@ -75,6 +76,7 @@ def create_app(
     app.include_router(routes_chat.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_playground.router)
     app.add_middleware(
         BodyLimitMiddleware,
         default_limit=settings.max_body_bytes,
@@ -102,7 +104,7 @@ def check_routes_protected(app: FastAPI) -> None:
     """Raise `UnprotectedRouteError` unless every route is public by name or has an auth dependency."""
     for route in iter_routes(app.routes):
         if isinstance(route, APIRoute):
-            if route.path in routes_health.PUBLIC_PATHS:
+            if route.path in PUBLIC_PATHS:
                 continue
             if any(dep.dependency in AUTH_DEPENDENCIES for dep in route.dependencies):
                 continue

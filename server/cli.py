@@ -1,13 +1,14 @@
 """`m2pt serve`: run the HTTP server (uvicorn) on a model and a bundle store.
 
-With no arguments it serves the shipped demo model (`demo/base`) and demo bundles (`demo/bundles`) on
-127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does). Every
-`server.settings.Settings` field but the secrets has a flag; the help text is the field's documentation. Each flag
-also reads an environment variable, `M2PT_` + the flag's name (`--max-text-tokens` -> `M2PT_MAX_TEXT_TOKENS`; a
-flag given wins; list flags take a comma-separated value, switches 1/0, true/false, yes/no, on/off). Secrets come
-from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). Bad settings print
-one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
---log-level`.
+With no arguments it serves the shipped demo model (`demo/base`) with the user's bundle store (`--store`,
+default `$M2PT_HOME/bundles`, where uploads go) and, read-only behind it, the shipped demo bundles
+(`demo/bundles`), on 127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the
+Dockerfile does). Every `server.settings.Settings` field but the secrets has a flag; the help text is the field's
+documentation. Each flag also reads an environment variable, `M2PT_` + the flag's name (`--max-text-tokens` ->
+`M2PT_MAX_TEXT_TOKENS`; a flag given wins; list flags take a comma-separated value, switches 1/0, true/false,
+yes/no, on/off). Secrets come from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops
+routes). Bad settings print one line per problem and exit with status 2 before anything is loaded. The log level
+is the global `m2pt --log-level`.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside `run_serve`, not at import time.
 """
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--model", "model", {"metavar": "PATH_OR_HF_ID"}),
     ("--store", "store", {"metavar": "DIR"}),
+    ("--demo-store", "demo_store", {"metavar": "DIR"}),
     ("--host", "host", {}),
     ("--port", "port", {"type": int}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),
@@ -91,9 +93,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     for flag, field, kwargs in _FLAGS:
         info = Settings.model_fields[field]
         default = info.get_default(call_default_factory=False)
+        says_default = info.default_factory is not None or "default" in (info.description or "")
         kwargs = {"default": None, **kwargs}
-        helptext = f"{info.description} (default: {default}; env {env_var(flag)})"
-        parser.add_argument(flag, dest=field, help=helptext, **kwargs)
+        shown = info.description if says_default else f"{info.description} (default: {default})"
+        parser.add_argument(flag, dest=field, help=f"{shown} (env {env_var(flag)})", **kwargs)
     parser.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
@@ -145,12 +148,14 @@ def run_serve(args: argparse.Namespace) -> int:
     """Validate the settings, build the app and run uvicorn until it is stopped. Returns the exit status."""
     from pydantic import ValidationError
 
+    from m2pt.preflight import UntestedTransformersError, check_transformers_version
     from server.settings import SettingsError
 
     try:
         settings = settings_from_args(args)
         settings.check_paths()
-    except (ValidationError, SettingsError) as exc:
+        check_transformers_version()
+    except (ValidationError, SettingsError, UntestedTransformersError) as exc:
         given = {field for _, field, _ in _FLAGS if getattr(args, field, None) is not None}
         for line in describe_settings_error(exc, frozenset(env_settings()) - given).splitlines():
             sys.stderr.write(f"m2pt serve: {line}\n")
@@ -160,11 +165,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     log.info(
-        "starting m2pt serve on http://%s:%d (model %s, store %s)",
+        "starting m2pt serve on http://%s:%d, playground at / (model %s, store %s, read-only beside it: %s)",
         settings.host,
         settings.port,
         settings.model,
         settings.store,
+        ", ".join(map(str, settings.read_only_stores)) or "none",
     )
     uvicorn.run(
         create_app(settings),

@@ -39,6 +39,12 @@ class SettingsError(ValueError):
     """A setting that is well-typed but unusable on this machine (a missing model directory, say)."""
 
 
+def _user_store() -> Path:
+    from prompts_store.layered import user_store_dir
+
+    return user_store_dir()
+
+
 def _env_secret(name: str) -> SecretStr | None:
     value = os.environ.get(name, "")
     return SecretStr(value) if value else None
@@ -51,7 +57,16 @@ class Settings(BaseModel):
 
     # Where the model and bundles come from.
     model: str = Field(str(DEMO_MODEL_DIR), description="base LLaVA checkpoint: local directory or HF hub id")
-    store: Path = Field(DEMO_STORE_DIR, description="directory of the bundle store (created if missing)")
+    store: Path = Field(
+        default_factory=_user_store,
+        description="writable bundle store, where uploads go (created if missing; default $M2PT_STORE, else "
+        "$M2PT_HOME/bundles, M2PT_HOME defaulting to ~/.local/share/m2pt)",
+    )
+    demo_store: Path | None = Field(
+        None,
+        description="read-only bundle store served beside --store (default: the shipped demo bundles when "
+        "serving the shipped demo model, else none)",
+    )
 
     # Network.
     host: str = Field("127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 in containers")
@@ -182,6 +197,16 @@ class Settings(BaseModel):
             max_manifest_bytes=self.max_manifest_bytes,
         )
 
+    @property
+    def read_only_stores(self) -> list[Path]:
+        """The read-only stores served behind `store`: `demo_store`, else the demo bundles for the demo
+        model."""
+        if self.demo_store is not None:
+            return [self.demo_store.expanduser()]
+        model_path = Path(self.model).expanduser()
+        is_demo = model_path.is_dir() and model_path.resolve() == DEMO_MODEL_DIR.resolve()
+        return [DEMO_STORE_DIR] if is_demo else []
+
     def check_paths(self) -> None:
         """Startup check of the filesystem side: the model must be an existing directory or look like a hub
         id, and the store location must be a directory (or creatable). Raises `SettingsError` with the fix."""
@@ -201,3 +226,5 @@ class Settings(BaseModel):
         store = self.store.expanduser()
         if store.exists() and not store.is_dir():
             raise SettingsError(f"--store {str(store)!r} exists and is not a directory")
+        if self.demo_store is not None and not self.demo_store.expanduser().is_dir():
+            raise SettingsError(f"--demo-store {str(self.demo_store)!r} is not a directory")

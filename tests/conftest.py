@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +13,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Nothing a test trains, publishes or uploads may land in the real user store (~/.local/share/m2pt).
+os.environ["M2PT_HOME"] = tempfile.mkdtemp(prefix="m2pt-test-home-")
+atexit.register(shutil.rmtree, os.environ["M2PT_HOME"], ignore_errors=True)
+os.environ.pop("M2PT_STORE", None)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from server.settings import Settings
 
 API_KEY = "chat-key-123456"
 OPS_TOKEN = "ops-token-abcdef"
-PUBLIC = {"/health", "/ready", "/metrics"}
+PUBLIC = {"/health", "/ready", "/metrics", "/", "/playground"}  # the playground page holds no data
 
 
 def make(api_key=API_KEY, ops_token=OPS_TOKEN):

@@ -17,6 +17,7 @@ import pytest
 from api_fakes import _free_port, png_b64
 from pydantic import ValidationError
 
+from prompts_store.layered import user_store_dir
 from server.cli import _FLAGS, add_serve_command, env_var, run_serve, settings_from_args
 from server.settings import DEMO_MODEL_DIR, DEMO_STORE_DIR, Settings, SettingsError
 
@@ -35,7 +36,8 @@ def test_no_arguments_serve_the_shipped_demo_on_localhost_8000(monkeypatch):
     assert args.func is run_serve
     settings = settings_from_args(args)
     assert settings == Settings()
-    assert settings.model == str(DEMO_MODEL_DIR) and settings.store == DEMO_STORE_DIR
+    assert settings.model == str(DEMO_MODEL_DIR) and settings.store == user_store_dir()
+    assert settings.read_only_stores == [DEMO_STORE_DIR]  # the demo bundles, read-only, beside the user store
     assert (settings.host, settings.port, settings.device, settings.dtype) == (
         "127.0.0.1",
         8000,

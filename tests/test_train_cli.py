@@ -107,6 +107,7 @@ def test_options_are_checked_before_training(tiny_model_dir, tmp_path, capsys, m
 
 class Receiver(BaseHTTPRequestHandler):
     received: list[dict] = []
+    checked: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -127,6 +128,15 @@ class Receiver(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(reply)
 
+    def do_GET(self):  # noqa: N802 -- the pre-training check: GET /v1/bundles with the token, as the server
+        Receiver.checked.append({"path": self.path, "auth": self.headers.get("Authorization")})
+        reply = json.dumps({"bundles": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
     def log_message(self, *args):
         pass
 
@@ -136,7 +146,7 @@ def receiver():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    Receiver.received = []
+    Receiver.received, Receiver.checked = [], []
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -151,6 +161,7 @@ def test_push_uploads_manifest_and_tensors_with_the_ops_token(
     assert main(flags(tiny_model_dir, data, out, "--push-url", receiver)) == 0
     (call,) = Receiver.received
     assert call["path"] == "/v1/bundles" and call["auth"] == "Bearer s3cret"
+    assert Receiver.checked == [{"path": "/v1/bundles", "auth": "Bearer s3cret"}]  # checked before training
     assert call["parts"]["manifest"] == (out / "manifest.json").read_bytes()
     assert call["parts"]["tensors"] == (out / "tensors.safetensors").read_bytes()
 

@@ -82,6 +82,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_train(args: argparse.Namespace) -> int:
     from training.trainer import train
 
+    cfg = None
     try:
         cfg = config_from_args(args)
         result = train(cfg)
@@ -89,6 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
         log.error("%s: %s", type(exc).__name__, exc)
         sys.stderr.write(f"m2pt train: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt(cfg)
     if result.bundle_dir is not None:
         acc = "n/a" if result.final_accuracy is None else f"{100 * result.final_accuracy:.1f}%"
         sys.stdout.write(
@@ -96,6 +99,15 @@ def run_train(args: argparse.Namespace) -> int:
             f"{result.steps} steps, {result.seconds:.0f} s)\n"
         )
     return 0
+
+
+def report_interrupt(cfg: TrainConfig | None) -> int:
+    """Ctrl-C: one line with the `--resume` hint, no traceback; exit status 130 (a shell's SIGINT)."""
+    from training.interrupt import interrupted_message
+
+    message = interrupted_message(cfg) if cfg is not None else "m2pt train: interrupted"
+    sys.stderr.write("\n" + message + "\n")
+    return 130
 
 
 def add_train_commands(subparsers) -> None:

@@ -97,7 +97,10 @@ class TrainConfig:
         False, "continue from the latest checkpoint in --checkpoint-dir", group=OUTPUT, action="store_true"
     )
     publish_store: str | None = option(
-        None, "also publish the bundle into this BundleStore root (e.g. demo/bundles)", group=OUTPUT
+        None,
+        "also publish the bundle into this BundleStore root (e.g. ~/.local/share/m2pt/bundles, the user store "
+        "m2pt serve reads; the shipped demo store is read-only)",
+        group=OUTPUT,
     )
     push_url: str | None = option(
         None, "also upload the bundle to this server (needs $M2PT_OPS_TOKEN)", group=OUTPUT

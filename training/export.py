@@ -4,9 +4,11 @@ push to a server.
 - `export_bundle` writes `OUT/` through `prompts_store.format.save_bundle` (validated against the base's spec,
   atomic) and the curves to `OUT.curves.png` beside it: a bundle directory holds exactly its manifest and
   tensors.
-- `publish` copies the bundle into a `BundleStore` root (e.g. `demo/bundles`) and its curves to
-  `ROOT/<name>@<version>.curves.png` (the store's root holds only name directories otherwise; files there are
-  left alone).
+- `publish` copies the bundle into a writable `BundleStore` root (e.g. the user store `$M2PT_HOME/bundles`),
+  layered over the shipped demo bundles so its auto versions continue after theirs, and its curves to
+  `ROOT/<name>@<version>.curves.png` (`m2pt bundle rm` removes them with the version). The shipped demo store
+  itself is read-only: publishing into it is refused unless `$M2PT_WRITE_DEMO_STORE=1` (maintainers
+  rebuilding the shipped bundles).
 - `push` POSTs it to a running server: multipart `manifest` + `tensors` to `/v1/bundles` with `Authorization:
   Bearer $M2PT_OPS_TOKEN`.
 `check_outputs` validates these options *before* training, so a bad URL or missing token does not cost a run.
@@ -65,8 +67,44 @@ def check_outputs(out: str, publish_store: str | None, push_url: str | None) -> 
         bundles_endpoint(push_url)
         if not os.environ.get(OPS_TOKEN_ENV):
             raise ExportError(f"--push-url needs the server's ops token in ${OPS_TOKEN_ENV}")
+        check_push_target(push_url, os.environ[OPS_TOKEN_ENV])
     if publish_store is not None and Path(publish_store).exists() and not Path(publish_store).is_dir():
         raise ExportError(f"--publish-store {publish_store} exists and is not a directory")
+    if publish_store is not None:
+        check_not_demo_store(publish_store)
+
+
+def check_push_target(url: str, token: str, timeout: float = 10.0) -> None:
+    """Before training: the server at `url` answers its ops API (`GET /v1/bundles`) and accepts `token`."""
+    import httpx
+
+    endpoint = bundles_endpoint(url)
+    try:
+        reply = httpx.get(endpoint, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise ExportError(
+            f"--push-url: cannot reach {endpoint} ({exc}); start the server first (m2pt serve) or fix the URL"
+        ) from None
+    if reply.status_code in (401, 403):
+        raise ExportError(
+            f"--push-url: {endpoint} refused the ops token (HTTP {reply.status_code}); set ${OPS_TOKEN_ENV} "
+            "to the token the server was started with"
+        )
+    if reply.status_code != 200:
+        raise ExportError(
+            f"--push-url: {endpoint} answered HTTP {reply.status_code}; is it an m2pt server's base URL?"
+        )
+
+
+def check_not_demo_store(store_root: str | Path) -> None:
+    """Refuse the shipped (read-only) demo store as a publish target, unless `$M2PT_WRITE_DEMO_STORE=1`."""
+    from prompts_store.layered import DEMO_STORE_DIR, same_dir
+
+    if same_dir(store_root, DEMO_STORE_DIR) and os.environ.get("M2PT_WRITE_DEMO_STORE") != "1":
+        raise ExportError(
+            f"--publish-store {store_root} holds the shipped demo bundles and is read-only; publish to the "
+            "user store instead (`m2pt bundle publish OUT` puts it where `m2pt serve` finds it)"
+        )
 
 
 def export_bundle(
@@ -90,9 +128,10 @@ def export_bundle(
 
 def publish(bundle_dir: Path, store_root: str | Path, name: str, version: str | None) -> Any:
     """Publish into a filesystem `BundleStore` (curves PNG beside the name); returns its `BundleRef`."""
-    from prompts_store.store import BundleStore
+    from prompts_store.layered import DEMO_STORE_DIR, open_layered_store
 
-    ref = BundleStore(store_root).publish(bundle_dir, name, version)
+    check_not_demo_store(store_root)
+    ref = open_layered_store(store_root, [DEMO_STORE_DIR]).publish(bundle_dir, name, version)
     curves = curves_path(bundle_dir)
     if curves.is_file():
         shutil.copyfile(curves, Path(store_root) / f"{ref.label}.curves.png")

@@ -37,6 +37,7 @@ from server.api.generation import (
     open_stream,
     set_metric_labels,
 )
+from server.api.model_cards import bundle_models
 from server.api.protocol import ChatCompletionRequest, ChatMessage, ImagePart
 from server.api.sse import DONE, EventStreamResponse, sse_data
 from server.engine.types import StreamEvent
@@ -211,23 +212,5 @@ async def list_models(request: Request) -> dict[str, Any]:
         "owned_by": "m2pt",
     }
     store = getattr(request.app.state, "store", None)  # the app's store (server.api.deps.get_store)
-    bundles = (
-        await run_in_threadpool(_bundle_models, store, engine.base_model_id) if store is not None else []
-    )
+    bundles = await run_in_threadpool(bundle_models, store, engine.base_model_id) if store is not None else []
     return {"object": "list", "data": [base, *bundles]}
-
-
-def _bundle_models(store, base_id: str) -> list[dict[str, Any]]:
-    from prompts_store.errors import BundleNotFoundError
-
-    out = []
-    for info in store.list():
-        for model_id in [info.name] + [f"{info.name}@{version}" for version in info.versions]:
-            try:
-                created = int(store.resolve(model_id).path.stat().st_mtime)
-            except (BundleNotFoundError, OSError):  # deleted while listing
-                continue
-            out.append(
-                {"id": model_id, "object": "model", "created": created, "owned_by": "m2pt", "parent": base_id}
-            )
-    return out

@@ -32,12 +32,12 @@ def bundle_limits_from_settings(settings):
 
 
 def open_store_from_settings(settings):
-    """The `BundleStore` at `settings.store` (created if missing) and the limits every bundle load must meet."""
-    from prompts_store.store import BundleStore
+    """The writable store at `settings.store` (created if missing) layered over the read-only stores
+    (`settings.read_only_stores`, the demo bundles by default), and the limits every bundle load must meet."""
+    from prompts_store.layered import open_layered_store
 
     settings.check_paths()
-    store = BundleStore(settings.store.expanduser())
-    log.info("bundle store at %s", settings.store)
+    store = open_layered_store(settings.store.expanduser(), settings.read_only_stores)
     return store, bundle_limits_from_settings(settings)
 
 
