@@ -27,18 +27,27 @@ def make_row_tokens(tiny, words, seed):
 
 # ---------------------------------------------------------------- reference: the official overwrite semantics
 def reference_logits(tiny, ids, pixels, prompts: PromptTensors | None):
-    """Plain forward with prompt rows inserted and overwritten at every layer's input (batch of one)."""
+    """Plain forward with prompt rows inserted and overwritten at every layer's input (batch of one).
+
+    Runs EVERY ViT layer, also those past the deepest `vision_feature_layer` (which the core skips); those get a
+    random prompt row, since a bundle carries none for them and nothing may depend on them."""
     model = tiny.model
     prompts = prompts or PromptTensors()
     tower = model.model.vision_tower
     lv, lt = prompts.visual_len, prompts.text_len
-    h = tower.pre_layrnorm(tower.embeddings(pixels[None]))  # [1, 1+N, Dv]
+    h = tower.embeddings(pixels[None])  # [1, (1+)N, Dv]
+    if hasattr(tower, "pre_layrnorm"):  # CLIP; SigLIP has no pre-norm
+        h = tower.pre_layrnorm(h)
+    visual = prompts.visual
+    if lv and visual.shape[0] < len(tower.encoder.layers):
+        junk = torch.randn(len(tower.encoder.layers) - visual.shape[0], lv, visual.shape[-1]) * 40
+        visual = torch.cat([visual, junk])
     if lv:
-        h = torch.cat([prompts.visual[0][None], h], dim=1)
+        h = torch.cat([visual[0][None], h], dim=1)
     states = [h[:, lv:]]
     for i, layer in enumerate(tower.encoder.layers):
         if lv:
-            h = torch.cat([prompts.visual[i][None], h[:, lv:]], dim=1)
+            h = torch.cat([visual[i][None], h[:, lv:]], dim=1)
         h = layer(h, None)
         states.append(h[:, lv:])
     feats = select_image_features(model, states)
