@@ -1,4 +1,5 @@
-"""Every supported family through the core's equivalence and training-parity checks, and the dead-ViT-layer skip.
+"""Every supported family through the core's equivalence and training-parity checks, and the dead-ViT-layer
+skip.
 
 The checks are the ones of tests/test_core_equivalence.py and tests/test_train_mechanics.py, run on tiny
 checkpoints that keep each family's real config shape (training/tiny.py):
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prompt_helpers import strong_prompts
 from test_core_equivalence import VARIANTS, make_row_tokens, ours_logits, reference_logits
 from test_core_equivalence import test_gradients_reach_prompts_and_projector_only as gradients_check
 from test_core_equivalence import test_mixed_batch_equals_each_row_alone as mixed_check
@@ -19,12 +21,15 @@ from test_core_equivalence import test_no_bundle_row_equals_unmodified_hf_model 
 from test_train_mechanics import test_exported_bundle_gives_training_logits_in_serving_path as parity_check
 from test_train_mechanics import test_only_prompts_and_projector_change as frozen_check
 
-from prompt_helpers import strong_prompts
-
 ATOL = 1e-5
 FAMILY_CONFIGS = {
     "siglip-qwen2": {},
-    "clip-layer-2": {"family": "llava", "vit_layers": 3, "vision_feature_layer": -2, "select_strategy": "default"},
+    "clip-layer-2": {
+        "family": "llava",
+        "vit_layers": 3,
+        "vision_feature_layer": -2,
+        "select_strategy": "default",
+    },
     "siglip-multi-default": {"vit_layers": 4, "vision_feature_layer": [-3, -2], "select_strategy": "default"},
 }
 
@@ -54,7 +59,9 @@ def test_prefix_kv_equals_official_overwrite(fam, text_len, visual_len, projecto
         ours = ours_logits(fam, ids, pixels, prompts)
         base = reference_logits(fam, ids, pixels, None)
     assert torch.allclose(ours, ref, atol=ATOL), (ours - ref).abs().max()
-    assert (ref - base).abs().max() > 1e-2, "the prompts must change the output for this test to mean anything"
+    assert (ref - base).abs().max() > 1e-2, (
+        "the prompts must change the output for this test to mean anything"
+    )
 
 
 def test_visual_prompts_alone_change_the_output(fam):
@@ -62,7 +69,9 @@ def test_visual_prompts_alone_change_the_output(fam):
     prompts = strong_prompts(fam, 0, 3, False, seed=5)
     ids, pixels = make_row_tokens(fam, ["what", "digit", "?"], seed=4)
     with torch.no_grad():
-        assert (ours_logits(fam, ids, pixels, prompts) - ours_logits(fam, ids, pixels, None)).abs().max() > 1e-2
+        assert (
+            ours_logits(fam, ids, pixels, prompts) - ours_logits(fam, ids, pixels, None)
+        ).abs().max() > 1e-2
 
 
 def test_no_bundle_row_equals_unmodified_hf_model(fam):
@@ -86,7 +95,8 @@ def test_trained_bundle_gives_training_logits_in_serving_path(fam, tmp_path):
 
 
 def test_image_token_count_matches_the_processor(fam):
-    """The spec's count (no CLS for SigLIP) is what the processor expands `<image>` to and what the tower gives."""
+    """The spec's count (no CLS for SigLIP) is what the processor expands `<image>` to and what the tower
+    gives."""
     from m2pt.gate import blank_image
 
     enc = fam.processor(images=[blank_image(fam.spec.image_size)], text="<image>", return_tensors="pt")

@@ -1,12 +1,13 @@
-"""Build small, real LLaVA checkpoints from configs: a word-level tokenizer trained locally, a vision tower, an
-LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
+"""Build small, real LLaVA checkpoints from configs: a word-level tokenizer trained locally, a vision tower,
+an LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
 `LlavaForConditionalGeneration.from_pretrained` load them offline.
 
 Families (`TinyLlavaConfig.family`): `llava` (CLIP + Llama, LLaVA-1.5's shape) and `llava-siglip-qwen2`
 (`llava-hf/llava-interleave-qwen-0.5b-hf`'s shape: SigLIP tower without head, strategy `full`, layer -1,
 Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6). Only widths and depths are cut.
 
-Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a larger size.
+Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a
+larger size.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 
-# User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list of parts
-# ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template passes them.
+# User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list
+# of parts ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template
+# passes them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}user : "

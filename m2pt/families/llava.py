@@ -5,7 +5,8 @@ adapter wires them to the `ModelFamily` interface and states what it accepts:
 - towers: CLIP (`clip_vision_model`: CLS token + `pre_layrnorm`) and SigLIP (`siglip_vision_model`: no CLS, no
   pre-norm; `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads);
 - LLMs: the decoder types the equivalence suite ran on (`SUPPORTED_TEXT_MODELS`);
-- `vision_feature_layer` an int or a list, `vision_feature_select_strategy` `default` (drop the first token, as
+- `vision_feature_layer` an int or a list, `vision_feature_select_strategy` `default` (drop the first token,
+as
   HF does whatever the tower) or `full`.
 """
 
@@ -70,7 +71,8 @@ def _check_attention(attn: nn.Module, heads: int, head_dim: int, model_id: str, 
         _require(
             proj.out_features == heads * head_dim,
             model_id,
-            f"{where}.self_attn.{name} gives {proj.out_features} features, expected {heads} heads x {head_dim}",
+            f"{where}.self_attn.{name} gives {proj.out_features} features, "
+            f"expected {heads} heads x {head_dim}",
         )
 
 
@@ -104,8 +106,10 @@ def check_llava_modules(model: nn.Module, model_id: str) -> None:
 
 
 def llava_spec(model: nn.Module, model_id: str) -> ModelSpec:
-    """`ModelSpec` of a plain LLaVA. `vit_layers` counts the ViT layers that run (and carry visual prompts): up
-    to the deepest `vision_feature_layer`. Image tokens: patches, + CLS for CLIP, - 1 for strategy `default`."""
+    """`ModelSpec` of a plain LLaVA. `vit_layers` counts the ViT layers that run (and carry visual prompts):
+    up
+    to the deepest `vision_feature_layer`. Image tokens: patches, + CLS for CLIP, - 1 for strategy
+    `default`."""
     from m2pt.forward import vision_layers_used
 
     cfg = model.config
