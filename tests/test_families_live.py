@@ -23,11 +23,15 @@ BUNDLES = {"alpha": (3, 2, True), "beta": (0, 3, False), "gamma": (4, 1, True), 
 INSTRUCTIONS = ["what is this digit ?", "what digit ?", "is this what ?", "this digit"]
 
 
+SIZES = [(16, 16), (30, 20), (16, 40), (48, 20), (25, 60)]  # (w, h): any-res families get different grids
+
+
 def image(seed: int):
     from PIL import Image
 
     gen = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(16, 16, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    width, height = SIZES[seed % len(SIZES)]
+    pixels = (torch.rand(height, width, 3, generator=gen) * 255).to(torch.uint8).numpy()
     return Image.fromarray(pixels)
 
 
@@ -37,29 +41,35 @@ def b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def tiny_config(family: str):
+    from training.tiny import interleave_cfg, next_cfg
+
+    return {"siglip-qwen2": interleave_cfg, "next-mistral": next_cfg}[family]()
+
+
+@pytest.fixture(scope="module", params=["siglip-qwen2", "next-mistral"])
+def family_dir(request, tmp_path_factory):
+    from training.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp(request.param), tiny_config(request.param))
+
+
 @pytest.fixture(scope="module")
-def siglip_dir(tmp_path_factory):
-    from training.tiny import build_tiny_llava, interleave_cfg
-
-    return build_tiny_llava(tmp_path_factory.mktemp("siglip_live"), interleave_cfg())
-
-
-@pytest.fixture(scope="module")
-def siglip(siglip_dir):
+def frozen(family_dir):
     from m2pt.loading import load_frozen_llava
 
-    return load_frozen_llava(str(siglip_dir), device="cpu", dtype="float32")
+    return load_frozen_llava(str(family_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def server(siglip, siglip_dir, tmp_path_factory):
+def server(frozen, family_dir, tmp_path_factory):
     from server.app import create_app
 
-    tmp = tmp_path_factory.mktemp("siglip_store")
+    tmp = tmp_path_factory.mktemp("family_store")
     store = BundleStore(tmp / "store")
     for i, (name, variant) in enumerate(BUNDLES.items()):
-        publish(store, siglip, tmp, name, variant, seed=i)
-    settings = make_settings(siglip_dir, tmp / "store", max_batch_size=8, image_cache_size=0)
+        publish(store, frozen, tmp, name, variant, seed=i)
+    settings = make_settings(family_dir, tmp / "store", max_batch_size=8, image_cache_size=0)
     with LiveServer(create_app(settings)) as live:
         assert wait_until(lambda: httpx.get(live.url + "/ready").status_code == 200, timeout=60)
         yield live
@@ -85,13 +95,13 @@ def chat(url: str, instruction: str, img, bundle: str | None, steps: int = 8) ->
     return body
 
 
-def test_siglip_base_equals_hf_generate(server, siglip):
+def test_base_equals_hf_generate(server, frozen):
     for i, instruction in enumerate(INSTRUCTIONS[:3]):
         got = chat(server.url, instruction, image(i), None)["text"]
-        assert got.strip() == hf_generate(siglip, instruction, image(i), 8).strip(), instruction
+        assert got.strip() == hf_generate(frozen, instruction, image(i), 8).strip(), instruction
 
 
-def test_siglip_bundles_change_answers_and_mixed_equals_alone(server):
+def test_bundles_change_answers_and_mixed_equals_alone(server):
     jobs = [(name, INSTRUCTIONS[i % 4], image(10 + i)) for i, name in enumerate([*BUNDLES, None])]
     alone = [chat(server.url, ins, img, name)["text"] for name, ins, img in jobs]
     base = [chat(server.url, ins, img, None)["text"] for _, ins, img in jobs]

@@ -29,11 +29,11 @@ def small_vision(**kw):
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **kw)
 
 
-def config_llava_next():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+def config_llava_onevision():
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**small_vision()), text_config=LlamaConfig(**small_text())
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**small_vision()), text_config=Qwen2Config(**small_text())
     )
 
 
@@ -91,7 +91,7 @@ def config_llava_gemma_llm():
 
 
 REFUSED = {
-    "llava-next": (config_llava_next, "LlavaNextForConditionalGeneration (LLaVA-NeXT"),
+    "llava-onevision": (config_llava_onevision, "LlavaOnevisionForConditionalGeneration (LLaVA-OneVision"),
     "pixtral": (config_pixtral, "vision tower 'pixtral' is not supported"),
     "qwen2-vl": (config_qwen2_vl, "Qwen2VLForConditionalGeneration (Qwen2-VL"),
     "gemma3": (config_gemma3, "Gemma3ForConditionalGeneration (Gemma 3"),
@@ -121,6 +121,7 @@ def test_unsupported_family_is_refused_from_its_config(family, tmp_path):
             gate()
         message = str(err.value)
         assert expected in message and SUPPORTED in message and "siglip_vision_model" in message, message
+        assert "LlavaNextForConditionalGeneration" in message, message
 
 
 def test_unknown_model_type_is_refused(tmp_path):

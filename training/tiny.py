@@ -40,13 +40,24 @@ CHAT_TEMPLATE = (
 )
 
 BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
-FAMILIES = ("llava", "llava-siglip-qwen2")
+FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral")
+# llava-v1.6-mistral-7b's pinpoints (multiples of its 336 px tile) scaled to a tile of `image_size`
+NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
 def interleave_cfg(**overrides) -> TinyLlavaConfig:
     """A tiny `llava-interleave-qwen`-shaped config (SigLIP + Qwen2, strategy full, layer -1)."""
     base = dict(
         family="llava-siglip-qwen2", select_strategy="full", patch_size=4, vit_layers=3, text_init_std=0.2
+    )
+    return TinyLlavaConfig(**{**base, **overrides})
+
+
+def next_cfg(**overrides) -> TinyLlavaConfig:
+    """A tiny `llava-v1.6-mistral`-shaped config (any-res CLIP tiles + image_newline, layer -2, Mistral
+    GQA)."""
+    base = dict(
+        family="llava-next-mistral", patch_size=4, vit_layers=3, vision_feature_layer=-2, text_init_std=0.2
     )
     return TinyLlavaConfig(**{**base, **overrides})
 
@@ -83,6 +94,13 @@ class TinyLlavaConfig:
     def siglip(self) -> bool:
         return self.family == "llava-siglip-qwen2"
 
+    @property
+    def anyres(self) -> bool:
+        return self.family == "llava-next-mistral"
+
+    def pinpoints(self) -> list[list[int]]:
+        return [[h * self.image_size, w * self.image_size] for h, w in NEXT_PINPOINTS]
+
     def vocabulary(self) -> list[str]:
         seen = dict.fromkeys(SPECIAL_TOKENS + BASE_WORDS + [w.lower() for w in self.words])
         return list(seen)
@@ -114,8 +132,14 @@ def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
 
 def build_image_processor(cfg: TinyLlavaConfig):
     """CLIP: resize the short edge + centre crop, CLIP mean/std. SigLIP: resize to a square, mean/std 0.5."""
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, SiglipImageProcessorPil
 
+    if cfg.anyres:
+        return LlavaNextImageProcessorPil(
+            size={"shortest_edge": cfg.image_size},
+            crop_size={"height": cfg.image_size, "width": cfg.image_size},
+            image_grid_pinpoints=cfg.pinpoints(),
+        )
     if cfg.siglip:
         return SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
     return CLIPImageProcessorPil(
@@ -124,10 +148,10 @@ def build_image_processor(cfg: TinyLlavaConfig):
     )
 
 
-def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor
-    from transformers import LlavaProcessor
+def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor / LlavaNextProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
-    return LlavaProcessor(
+    return (LlavaNextProcessor if cfg.anyres else LlavaProcessor)(
         image_processor=build_image_processor(cfg),
         tokenizer=tokenizer,
         patch_size=cfg.patch_size,
@@ -154,7 +178,7 @@ def build_vision_config(cfg: TinyLlavaConfig):
 
 
 def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         hidden_size=cfg.llm_dim,
@@ -174,19 +198,39 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
         return Qwen2Config(
             **common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
         )
+    if cfg.anyres:  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
+        return MistralConfig(
+            **common,
+            tie_word_embeddings=False,
+            sliding_window=None,
+            head_dim=cfg.llm_dim // cfg.llm_heads,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
     return LlamaConfig(
         **common, tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads
     )
 
 
-def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration (or NeXT)
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown tiny family {cfg.family!r}; choose one of {', '.join(FAMILIES)}")
     patches = (cfg.image_size // cfg.patch_size) ** 2
     has_cls = not cfg.siglip
-    config = LlavaConfig(
+    config_class, model_class = (
+        (LlavaNextConfig, LlavaNextForConditionalGeneration)
+        if cfg.anyres
+        else (LlavaConfig, LlavaForConditionalGeneration)
+    )
+    extra = {"image_grid_pinpoints": cfg.pinpoints()} if cfg.anyres else {}
+    config = config_class(
+        **extra,
         vision_config=build_vision_config(cfg),
         text_config=build_text_config(cfg, vocab_size),
         image_token_index=IMAGE_ID,
@@ -197,7 +241,7 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
         tie_word_embeddings=cfg.siglip,
     )
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     return model.eval()

@@ -15,12 +15,12 @@ from m2pt.families.base import ModelFamily, UnsupportedModelError
 
 def _families() -> list[ModelFamily]:
     from m2pt.families.llava import LLAVA
+    from m2pt.families.llava_next import LLAVA_NEXT
 
-    return [LLAVA]
+    return [LLAVA, LLAVA_NEXT]
 
 
 KNOWN_UNSUPPORTED = {
-    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (any-res tiles, image_newline)",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision (any-res tiles, image_newline)",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL (M-RoPE, windowed packed-patch ViT)",
