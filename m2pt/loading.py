@@ -145,10 +145,11 @@ def load_frozen_llava(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     log.info("loading %s (%s family) on %s as %s", model_id, family.name, dev, dt)
-    model, info = family.model_class().from_pretrained(
+    loaded: Any = family.model_class().from_pretrained(
         name_or_path, config=config, dtype=dt, attn_implementation="sdpa", output_loading_info=True
     )
-    check_loading_info(info, model_id)
+    model: nn.Module = loaded[0]
+    check_loading_info(loaded[1], model_id)  # {"missing_keys": ..., "unexpected_keys": ..., ...}
     family.check_modules(model, model_id)
     model = freeze(model.to(dev))
     processor = family.load_processor(name_or_path)

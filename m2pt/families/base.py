@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from m2pt.forward import DecodeState, RowInput
     from m2pt.prefix import BundlePrefix
     from m2pt.prompts import PromptTensors
@@ -65,7 +67,7 @@ class ModelFamily(ABC):
     architectures: tuple[str, ...] = ()  # HF `config.architectures` names this family serves
 
     @abstractmethod
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type[PreTrainedModel]:
         """The HF class to load the checkpoint with (imported lazily)."""
 
     @abstractmethod

@@ -13,25 +13,29 @@ Everything else (towers, LLMs, prefix K/V, the LLM forward) is plain LLaVA's, so
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from m2pt import hf
 from m2pt.families.base import ImageInput, UnsupportedModelError
 from m2pt.families.llava import LlavaFamily, check_llava_config, check_llava_modules, llava_spec
 from m2pt.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def tiles_of(model: nn.Module, image: ImageInput) -> Tensor:
     """The image's real tiles `[n, 3, H, W]` (the processor pads every image to the batch's largest count)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    cfg = model.config
+    cfg = hf.config(model)
     count = image_size_to_num_patches(
         image_size=image.extras["image_sizes"],
         grid_pinpoints=cfg.image_grid_pinpoints,
-        patch_size=cfg.vision_config.image_size,
+        patch_size=int(cfg.vision_config.image_size),
     )
     return image.pixel_values[:count]
 
@@ -42,7 +46,7 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     architectures = ("LlavaNextForConditionalGeneration",)
 
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type[PreTrainedModel]:
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration
@@ -55,14 +59,15 @@ class LlavaNextFamily(LlavaFamily):
 
     def check_modules(self, model: nn.Module, model_id: str) -> None:
         check_llava_modules(model, model_id)
-        newline = getattr(model.model, "image_newline", None)
-        if newline is None or tuple(newline.shape) != (model.config.text_config.hidden_size,):
+        newline = getattr(hf.part(model, "model"), "image_newline", None)
+        width = int(hf.config(model).text_config.hidden_size)
+        if not isinstance(newline, Tensor) or tuple(newline.shape) != (width,):
             raise UnsupportedModelError(f"{model_id}: image_newline missing or not [llm_dim]")
 
     def spec_from_model(self, model: nn.Module, model_id: str) -> ModelSpec:
         """Plain LLaVA's spec (`num_image_tokens` per tile) + the pinpoints, which decide the packing."""
         spec = llava_spec(model, model_id)
-        pinpoints = [list(map(int, p)) for p in model.config.image_grid_pinpoints]
+        pinpoints = [[int(v) for v in p] for p in hf.config(model).image_grid_pinpoints]
         return ModelSpec(
             **{**spec.__dict__, "family": self.name, "extras": {"image_grid_pinpoints": pinpoints}}
         )
@@ -87,11 +92,12 @@ class LlavaNextFamily(LlavaFamily):
         tile_prefixes = [p for p, n in zip(prefixes, counts, strict=True) for _ in range(n)]
         features = encode_images(model, torch.cat(tiles).to(device), tile_prefixes)  # [sum n, N, D]
         sizes = torch.stack([torch.as_tensor(im.extras["image_sizes"]) for im in images])  # [M, 2]
-        packed, _ = model.model.pack_image_features(
+        inner: Any = hf.part(model, "model")  # LlavaNextModel: its own packing (unpad + image_newline)
+        packed, _ = inner.pack_image_features(
             list(torch.split(features, counts)),
             sizes,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            image_newline=model.model.image_newline,
+            vision_feature_select_strategy=hf.config(model).vision_feature_select_strategy,
+            image_newline=inner.image_newline,
         )
         return list(packed)  # M x [N_i, D]
 
