@@ -88,6 +88,7 @@ class TinyLlavaConfig:
     seed: int = 0
     vision_feature_layer: int | list[int] = -1
     family: str = "llava"  # see FAMILIES
+    llm: str | None = None  # override the family's LLM: "llama", "mistral", "qwen2" or "qwen3"
     text_init_std: float | None = None  # LLM init std (None: the config default); larger gives varied outputs
 
     @property
@@ -178,7 +179,7 @@ def build_vision_config(cfg: TinyLlavaConfig):
 
 
 def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         hidden_size=cfg.llm_dim,
@@ -194,11 +195,19 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
     )
     if cfg.text_init_std is not None:
         common["initializer_range"] = cfg.text_init_std
-    if cfg.siglip:  # Qwen2-0.5B: qkv bias (built in), tied embeddings, rope theta 1e6
+    llm = cfg.llm or ("qwen2" if cfg.siglip else "mistral" if cfg.anyres else "llama")
+    if llm == "qwen3":  # Qwen3: per-head q/k RMSNorm, explicit head_dim, tied (0.6B-4B), rope theta 1e6
+        return Qwen3Config(
+            **common,
+            head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
+    if llm == "qwen2":  # Qwen2-0.5B: qkv bias (built in), tied embeddings, rope theta 1e6
         return Qwen2Config(
             **common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
         )
-    if cfg.anyres:  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
+    if llm == "mistral":  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
         return MistralConfig(
             **common,
             tie_word_embeddings=False,
@@ -209,6 +218,10 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
     return LlamaConfig(
         **common, tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads
     )
+
+
+def config_tied(cfg: TinyLlavaConfig) -> bool:
+    return (cfg.llm or ("qwen2" if cfg.siglip else "")) in ("qwen2", "qwen3")
 
 
 def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration (or NeXT)
@@ -238,7 +251,7 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
         vision_feature_select_strategy=cfg.select_strategy,
         vision_feature_layer=cfg.vision_feature_layer,
         projector_hidden_act="gelu",
-        tie_word_embeddings=cfg.siglip,
+        tie_word_embeddings=bool(config_tied(cfg)),
     )
     torch.manual_seed(cfg.seed)
     model = model_class(config)
