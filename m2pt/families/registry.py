@@ -14,10 +14,11 @@ from m2pt.families.base import ModelFamily, UnsupportedModelError
 
 
 def _families() -> list[ModelFamily]:
+    from m2pt.families.gemma3 import GEMMA3
     from m2pt.families.llava import LLAVA
     from m2pt.families.llava_next import LLAVA_NEXT
 
-    return [LLAVA, LLAVA_NEXT]
+    return [LLAVA, LLAVA_NEXT, GEMMA3]
 
 
 KNOWN_UNSUPPORTED = {
@@ -25,7 +26,6 @@ KNOWN_UNSUPPORTED = {
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL (M-RoPE, windowed packed-patch ViT)",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL (M-RoPE, deepstack)",
-    "Gemma3ForConditionalGeneration": "Gemma 3 (local/global RoPE, bidirectional image attention)",
     "PaliGemmaForConditionalGeneration": "PaliGemma (prefix-LM mask)",
     "Idefics3ForConditionalGeneration": "Idefics3 (pixel-shuffle connector, image splitting)",
     "Mistral3ForConditionalGeneration": "Mistral 3 (Pixtral ViT, patch merger)",
