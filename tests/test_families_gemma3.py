@@ -229,3 +229,29 @@ def test_trained_bundle_gives_training_logits_in_serving_path(g3, tmp_path):
         serving, _ = g3.family.prefill(g3.model, rows, all_logits=True)
     assert (serving - training_logits).abs().max() <= ATOL
     assert int((batch.input_ids[0] == g3.spec.image_token_id).sum()) == g3.spec.num_image_tokens
+
+
+def test_chunked_prefill_equals_prefill_and_refuses_to_split_an_image(g3):
+    """For the engine's chunked prefill: chunking at `chunk_end` boundaries == one prefill (then decode)."""
+    prefix = g3.family.compute_prefix(g3.model, strong_prompts(g3, 3, 2, True, seed=9))
+    _, ids, images = encode(g3, WORDS, 5, images=2)
+    feats = torch.cat(g3.family.encode_images(g3.model, images, [prefix, prefix]))
+    row = RowInput(ids, feats, prefix, images)
+    first_image = int((ids == g3.spec.image_token_id).nonzero()[0])
+    with torch.inference_mode():
+        whole, state = g3.family.prefill(g3.model, [row])
+        ref = [whole] + [g3.family.decode_step(g3.model, state, torch.tensor([t])) for t in (7, 9, 11)]
+        for size in (1, 3, 5):
+            start, chunk_state = 0, None
+            while start < ids.shape[0]:
+                end = g3.family.chunk_end(g3.model, row, min(start + size, ids.shape[0]))
+                logits, chunk_state = g3.family.prefill_chunk(g3.model, row, start, end, chunk_state)
+                start = end
+            got = [logits] + [
+                g3.family.decode_step(g3.model, chunk_state, torch.tensor([t])) for t in (7, 9, 11)
+            ]
+            for a, b in zip(got, ref, strict=True):
+                assert torch.allclose(a, b, atol=ATOL), (size, (a - b).abs().max())
+        _, part = g3.family.prefill_chunk(g3.model, row, 0, first_image)
+        with pytest.raises(ValueError, match="splits an image"):
+            g3.family.prefill_chunk(g3.model, row, first_image, first_image + 2, part)

@@ -241,6 +241,53 @@ class Gemma3Family(ModelFamily):
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
         return _logits(model, hidden), DecodeState(cache, kv_mask, positions[:, -1] + 1)
 
+    def chunk_end(self, model: nn.Module, row: RowInput, end: int) -> int:
+        """The first chunk boundary at or after `end` that does not split an image: the tokens of one image
+        attend to each other both ways, so an image must be prefilled in one chunk."""
+        is_image = (row.input_ids == int(hf.config(model).image_token_id)).tolist()
+        while 0 < end < len(is_image) and is_image[end - 1] and is_image[end]:
+            end += 1
+        return end
+
+    def prefill_chunk(
+        self, model: nn.Module, row: RowInput, start: int, end: int, state: DecodeState | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """Feed `input_ids[start:end]` of ONE row after `state` (None: first chunk, the bundle's text prefix
+        is the cache). Any chunking that does not split an image (`chunk_end`) gives `prefill`'s logits; one
+        that splits an image raises `ValueError`. Returns the chunk's last logits [1, V] and the row's
+        state."""
+        from m2pt.forward import DecodeState
+
+        ids_all = row.input_ids
+        if (state is None) != (start == 0) or not 0 <= start < end <= int(ids_all.shape[0]):
+            raise ValueError(f"bad chunk [{start}, {end}) of a {ids_all.shape[0]}-token prompt")
+        image_id = int(hf.config(model).image_token_id)
+        if self.chunk_end(model, row, end) != end or self.chunk_end(model, row, start) != start:
+            raise ValueError(f"Gemma 3: the prefill chunk [{start}, {end}) splits an image; see chunk_end")
+        device = next(model.parameters()).device
+        ids = ids_all[start:end].to(device)[None]  # [1, C]
+        embeds = hf.input_embeddings(model)(ids)  # [1, C, D]
+        slots = ids_all == image_id
+        before, inside = int(slots[:start].sum()), int(slots[start:end].sum())
+        if inside:
+            assert row.image_features is not None
+            feats = row.image_features[before : before + inside].to(embeds.dtype)
+            embeds = embeds.masked_scatter((ids == image_id)[..., None].expand_as(embeds), feats)
+        if state is None:
+            cache, mask, next_pos = _prefix_cache([row], embeds, room=int(ids_all.shape[0]) + 64)
+        else:
+            cache, mask, next_pos = state.cache, state.attention_mask, state.positions
+        chunk = end - start
+        kv_mask = torch.cat([mask, mask.new_ones(1, chunk)], dim=1)  # [1, S+C]
+        q_pos = next_pos[:, None] + torch.arange(chunk, device=device)[None]  # [1, C]
+        q_block = image_blocks(ids, torch.ones_like(ids), image_id)
+        kv_block = torch.cat([torch.full_like(mask, -1), q_block], dim=1)
+        window = int(hf.config(model).text_config.sliding_window)
+        masks = attention_masks(kv_mask, q_pos, q_block, kv_block, window, embeds.dtype)
+        lm = hf.part(model, "model.language_model")
+        out = lm(inputs_embeds=embeds, attention_mask=masks, position_ids=q_pos, cache=cache, use_cache=True)
+        return _logits(model, out.last_hidden_state[:, -1]), DecodeState(cache, kv_mask, q_pos[:, -1] + 1)
+
     def decode_step(self, model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
         state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
         embeds = hf.input_embeddings(model)(tokens[:, None])  # [B, 1, D]
