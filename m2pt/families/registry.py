@@ -22,7 +22,9 @@ def _families() -> list[ModelFamily]:
 
 
 KNOWN_UNSUPPORTED = {
-    "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision (any-res tiles, image_newline)",
+    "LlavaOnevisionForConditionalGeneration": (
+        "LLaVA-OneVision (its processor cannot be built without torchvision under transformers 5.24)"
+    ),
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL (M-RoPE, windowed packed-patch ViT)",
     "Qwen3VLForConditionalGeneration": "Qwen3-VL (M-RoPE, deepstack)",
