@@ -119,10 +119,15 @@ def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
             yield
             return
         settings.check_paths()
+        from m2pt.families.base import UnsupportedModelError
         from server.engine.engine import Engine
 
         log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
-        engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        try:  # the startup gate (m2pt.loading): config, weights, module shapes, smoke prefill; before /ready
+            engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        except UnsupportedModelError as exc:
+            log.error("m2pt serve: refusing to serve this model: %s", exc)
+            raise
         await engine.start()
         app.state.store, app.state.spec = engine.store, engine.spec  # one store instance, shared
         app.state.engine = engine
