@@ -1,0 +1,68 @@
+"""Bundle-affinity placement: rendezvous (highest-random-weight) hashing with bounded load.
+
+Contract of `AffinityPolicy.rank(key, replicas, loads, holders)`:
+- every replica has an in-flight load (requests routed to it and not finished); the bound is
+  `threshold = max(ceil(load_factor * (total_load + 1) / n_replicas), min_spill_load)`;
+- a request for `key` goes to the first replica, in the key's rendezvous order, that already holds the key
+  and is under the threshold; else, if the key has fewer than `max_holders` holders, to the first replica in
+  rendezvous order that is under the threshold (this is how a hot bundle spreads to a second replica: by
+  policy, to a deterministic replica, never by accident); else to the least-loaded holder;
+- the answer is a ranking (first choice first, then every other replica by rendezvous order) so the caller
+  can fall back when the first choice refuses the request (full);
+- requests without a key (the base model) go to the least-loaded replica.
+Rendezvous order depends only on (key, replica id), so several routers (ingress replicas) agree on where a
+bundle lives without talking to each other. No Ray here: the router in `server.cluster.router` feeds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass
+
+
+def rendezvous_order(key: str, replicas: Sequence[str]) -> list[str]:
+    """`replicas` sorted by descending hash weight of (key, replica): the key's home first."""
+
+    def weight(replica: str) -> bytes:
+        return hashlib.blake2b(f"{key}\x00{replica}".encode(), digest_size=8).digest()
+
+    return sorted(replicas, key=weight, reverse=True)
+
+
+@dataclass(frozen=True)
+class AffinityPolicy:
+    """See the module contract. `load_factor` ≥ 1 bounds imbalance (1.25: at most 125 % of the average)."""
+
+    load_factor: float = 1.25
+    max_holders: int = 2
+    min_spill_load: int = 1
+
+    def threshold(self, loads: Mapping[str, int], replicas: Sequence[str]) -> int:
+        total = sum(loads.get(r, 0) for r in replicas)
+        return max(math.ceil(self.load_factor * (total + 1) / max(1, len(replicas))), self.min_spill_load)
+
+    def rank(
+        self,
+        key: str | None,
+        replicas: Sequence[str],
+        loads: Mapping[str, int],
+        holders: Set[str],
+    ) -> list[str]:
+        """Every replica of `replicas`, best first, for a request of bundle `key` (None: no bundle)."""
+        if not replicas:
+            return []
+        if not key:
+            return sorted(replicas, key=lambda r: (loads.get(r, 0), r))
+        order = rendezvous_order(key, replicas)
+        limit = self.threshold(loads, replicas)
+        live_holders = [r for r in order if r in holders]
+        choice = next((r for r in live_holders if loads.get(r, 0) < limit), None)
+        if choice is None and len(live_holders) < self.max_holders:
+            choice = next((r for r in order if loads.get(r, 0) < limit), None)
+        if choice is None and live_holders:
+            choice = min(live_holders, key=lambda r: (loads.get(r, 0), order.index(r)))
+        if choice is None:
+            choice = min(order, key=lambda r: (loads.get(r, 0), order.index(r)))
+        return [choice, *(r for r in order if r != choice)]

@@ -1,0 +1,123 @@
+"""Start (or join) Ray, deploy `EngineReplica` × N with the affinity router, and serve our FastAPI app in this
+process (the ingress) over a `ClusterEngine`.
+
+The ingress is the same app as the single-process server (`server.app.create_app`: routes, auth, body
+limits, error shapes, metrics), built with the cluster client as its engine, so every answer and every
+error is ours — Ray's HTTP proxy is not started (`http_options.location = NoServer`). More ingress
+processes can join the same Ray cluster with `--ray-address` and share the deployment.
+
+SAFETY: Ray's GCS, raylet and worker gRPC ports bind every interface. Run this inside a loopback-only network
+namespace on a shared host (`scripts/serve_cluster.sh` does), or behind a firewall (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from server.cluster.options import ClusterOptions
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "m2pt"
+DEPLOYMENT_NAME = "EngineReplica"
+ROUTER_CLASS = "server.cluster.router.BundleAffinityRouter"
+
+
+def start_ray(options: ClusterOptions) -> None:
+    import ray
+
+    repo_root = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if repo_root not in paths:  # replicas import `server` too; a started raylet passes this on
+        os.environ["PYTHONPATH"] = os.pathsep.join([repo_root, *paths])
+    if options.ray_address:
+        ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=True)
+    else:
+        cpus = max(2, int(options.replicas * options.replica_cpus + 1))
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def deploy_replicas(settings, options: ClusterOptions):
+    """Deploy the replicas and wait until they serve; returns the deployment's handle."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from server.cluster.replica import EngineReplica
+
+    gpus = options.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if settings.device == "cuda" or (settings.device == "auto" and _has_cuda()) else 0.0
+    serve.start(http_options={"location": "NoServer"})
+    deployment = serve.deployment(
+        EngineReplica,
+        name=DEPLOYMENT_NAME,
+        num_replicas=options.replicas,
+        max_ongoing_requests=settings.max_batch_size + settings.max_queue,
+        max_queued_requests=settings.max_queue * max(1, options.replicas),
+        ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": gpus},
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_router_kwargs={"load_factor": options.load_factor, "max_holders": options.max_holders},
+            request_routing_stats_period_s=options.stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, 5 * options.stats_period_s),
+        ),
+    )
+    return serve.run(deployment.bind(settings), name=APP_NAME, route_prefix=None)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_ingress(settings, options: ClusterOptions, handle):
+    """The FastAPI app over a `ClusterEngine` (with the cluster metrics on its `/metrics`)."""
+    from server.app import create_app
+    from server.cluster import board
+    from server.cluster.client import ClusterEngine
+    from server.cluster.metrics import ClusterCollector
+    from server.engine.wiring import open_store_from_settings
+
+    info = handle.describe.remote().result()
+    store, limits = open_store_from_settings(settings)
+    engine = ClusterEngine(handle, store, info["spec"], info["model_id"], limits, options.max_retries)
+    app = create_app(settings, engine=engine)
+    app.state.metrics.registry.register(ClusterCollector(board.latest, engine.counters))
+    return app, engine
+
+
+def run_cluster(settings, options: ClusterOptions, access_log: bool = True, log_level: str = "info") -> int:
+    """Serve until stopped (SIGINT/SIGTERM), then shut the replicas and Ray down. Returns the exit status."""
+    import ray
+    import uvicorn
+    from ray import serve
+
+    start_ray(options)
+    try:
+        handle = deploy_replicas(settings, options)
+        app, engine = build_ingress(settings, options, handle)
+        where = options.uds or f"http://{settings.host}:{settings.port}"
+        log.info("cluster of %d replicas serving %s on %s", options.replicas, engine.base_model_id, where)
+        bind = {"uds": options.uds} if options.uds else {"host": settings.host, "port": settings.port}
+        uvicorn.run(
+            app,
+            **bind,
+            log_config=None,
+            log_level=log_level.lower(),
+            access_log=access_log,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+            server_header=False,
+        )
+        engine.stop()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
