@@ -10,6 +10,9 @@ RUN useradd --create-home --uid 10001 m2pt
 WORKDIR /opt/m2pt
 COPY --chown=m2pt:m2pt . /opt/m2pt
 RUN bash scripts/setup.sh && mkdir -p /data/bundles && chown -R m2pt:m2pt /data /opt/m2pt
+# Optional extras, e.g. `--build-arg EXTRAS=cluster` for Ray Serve (deploy/rayservice.yaml).
+ARG EXTRAS=""
+RUN if [ -n "$EXTRAS" ]; then $VENV/bin/pip install --no-cache-dir -e ".[$EXTRAS]"; fi
 
 USER m2pt
 ENV PATH=/opt/m2pt/.venv/bin:$PATH

@@ -2,11 +2,16 @@
 
 Contract of `AffinityPolicy.rank(key, replicas, loads, holders)`:
 - every replica has an in-flight load (requests routed to it and not finished); the bound is
-  `threshold = max(ceil(load_factor * (total_load + 1) / n_replicas), min_spill_load)`;
+  `threshold = max(ceil(load_factor * (total_load + 1) / n_replicas), min_spill_load)`. The server sets
+  `min_spill_load` to the engine's batch size: below it a replica still has free batch slots, so moving a
+  bundle away would only cost a second load (and device memory) for nothing;
 - a request for `key` goes to the first replica, in the key's rendezvous order, that already holds the key
   and is under the threshold; else, if the key has fewer than `max_holders` holders, to the first replica in
-  rendezvous order that is under the threshold (this is how a hot bundle spreads to a second replica: by
-  policy, to a deterministic replica, never by accident); else to the least-loaded holder;
+  rendezvous order that is under the threshold and holds fewer than `bundle_cap` bundles
+  (`ceil(load_factor × average bundles held)`: bounded load on bundle counts, so the bundles split evenly
+  however the hashes fall), or failing that the first under the threshold (this is how a hot bundle spreads
+  to a second replica: by policy, to a deterministic replica, never by accident); else to the least-loaded
+  holder;
 - the answer is a ranking (first choice first, then every other replica by rendezvous order) so the caller
   can fall back when the first choice refuses the request (full);
 - requests without a key (the base model) go to the least-loaded replica.
@@ -43,14 +48,22 @@ class AffinityPolicy:
         total = sum(loads.get(r, 0) for r in replicas)
         return max(math.ceil(self.load_factor * (total + 1) / max(1, len(replicas))), self.min_spill_load)
 
+    def bundle_cap(self, held: Mapping[str, int], replicas: Sequence[str]) -> int:
+        """Most bundles a replica may hold before new ones are placed elsewhere (bounded load on counts)."""
+        total = sum(held.get(r, 0) for r in replicas)
+        return max(1, math.ceil(self.load_factor * (total + 1) / max(1, len(replicas))))
+
     def rank(
         self,
         key: str | None,
         replicas: Sequence[str],
         loads: Mapping[str, int],
         holders: Set[str],
+        held: Mapping[str, int] | None = None,
     ) -> list[str]:
-        """Every replica of `replicas`, best first, for a request of bundle `key` (None: no bundle)."""
+        """Every replica of `replicas`, best first, for a request of bundle `key` (None: no bundle).
+        `held` counts the bundles each replica holds (placement of a new bundle skips replicas over
+        `bundle_cap`)."""
         if not replicas:
             return []
         if not key:
@@ -60,9 +73,23 @@ class AffinityPolicy:
         live_holders = [r for r in order if r in holders]
         choice = next((r for r in live_holders if loads.get(r, 0) < limit), None)
         if choice is None and len(live_holders) < self.max_holders:
-            choice = next((r for r in order if loads.get(r, 0) < limit), None)
+            choice = self._place(order, loads, limit, held or {}, live_holders)
         if choice is None and live_holders:
             choice = min(live_holders, key=lambda r: (loads.get(r, 0), order.index(r)))
         if choice is None:
             choice = min(order, key=lambda r: (loads.get(r, 0), order.index(r)))
         return [choice, *(r for r in order if r != choice)]
+
+    def _place(
+        self,
+        order: list[str],
+        loads: Mapping[str, int],
+        limit: int,
+        held: Mapping[str, int],
+        holders: list[str],
+    ) -> str | None:
+        """A replica for a new copy of a bundle: first in rendezvous order under both the load bound and the
+        bundle-count cap, else first under the load bound."""
+        fresh = [r for r in order if r not in holders and loads.get(r, 0) < limit]
+        cap = self.bundle_cap(held, order)
+        return next((r for r in fresh if held.get(r, 0) < cap), fresh[0] if fresh else None)

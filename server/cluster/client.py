@@ -39,13 +39,23 @@ class ClusterCounters:
 class ClusterEngine:
     """Implements `server.engine.client.EngineClient` over a handle to the `EngineReplica` deployment."""
 
-    def __init__(self, handle, store, spec, model_id: str, bundle_limits, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        handle,
+        store,
+        spec,
+        model_id: str,
+        bundle_limits,
+        max_retries: int = 2,
+        send_routing_key: bool = True,
+    ) -> None:
         self._handle = handle
         self.store = store
         self.spec = spec
         self.bundle_limits = bundle_limits
         self._model_id = model_id
         self._max_retries = max_retries
+        self._send_routing_key = send_routing_key  # False with Ray's default router (no multiplexing there)
         self.counters = ClusterCounters()
         self._stopping = False
 
@@ -90,7 +100,8 @@ class ClusterEngine:
         from ray.exceptions import RayError
         from ray.serve.exceptions import BackPressureError
 
-        responses = self._handle.options(stream=True, multiplexed_model_id=key).generate.remote(request, key)
+        routing = {"multiplexed_model_id": key} if self._send_routing_key else {}
+        responses = self._handle.options(stream=True, **routing).generate.remote(request, key)
         try:
             async for item in responses:
                 if isinstance(item, ReplicaError):

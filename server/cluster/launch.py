@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "m2pt"
 DEPLOYMENT_NAME = "EngineReplica"
-ROUTER_CLASS = "server.cluster.router.BundleAffinityRouter"
+ROUTER_CLASSES = {
+    "affinity": "server.cluster.router.BundleAffinityRouter",
+    "pow2": "server.cluster.router.PowerOfTwoWithReports",
+}
 
 
 def start_ray(options: ClusterOptions) -> None:
@@ -40,7 +43,16 @@ def start_ray(options: ClusterOptions) -> None:
 
 
 def deploy_replicas(settings, options: ClusterOptions):
-    """Deploy the replicas and wait until they serve; returns the deployment's handle."""
+    """Deploy the replicas (no HTTP proxy) and wait until they serve; returns the deployment's handle."""
+    from ray import serve
+
+    serve.start(http_options={"location": "NoServer"})
+    deployment = engine_deployment(settings, options)
+    return serve.run(deployment.bind(settings), name=APP_NAME, route_prefix=None)
+
+
+def engine_deployment(settings, options: ClusterOptions):
+    """The `EngineReplica` Serve deployment: replicas, queue bounds, router, health checks."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -49,8 +61,20 @@ def deploy_replicas(settings, options: ClusterOptions):
     gpus = options.replica_gpus
     if gpus is None:
         gpus = 1.0 if settings.device == "cuda" or (settings.device == "auto" and _has_cuda()) else 0.0
-    serve.start(http_options={"location": "NoServer"})
-    deployment = serve.deployment(
+    spill = options.min_spill_load if options.min_spill_load is not None else settings.max_batch_size
+    router_config = RequestRouterConfig(
+        request_router_class=ROUTER_CLASSES[options.router],
+        request_router_kwargs={
+            "load_factor": options.load_factor,
+            "max_holders": options.max_holders,
+            "min_spill_load": spill,
+        }
+        if options.router == "affinity"
+        else {},
+        request_routing_stats_period_s=options.stats_period_s,
+        request_routing_stats_timeout_s=max(5.0, 5 * options.stats_period_s),
+    )
+    return serve.deployment(
         EngineReplica,
         name=DEPLOYMENT_NAME,
         num_replicas=options.replicas,
@@ -60,14 +84,8 @@ def deploy_replicas(settings, options: ClusterOptions):
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=settings.shutdown_timeout_s,
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
-            request_router_kwargs={"load_factor": options.load_factor, "max_holders": options.max_holders},
-            request_routing_stats_period_s=options.stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, 5 * options.stats_period_s),
-        ),
+        request_router_config=router_config,
     )
-    return serve.run(deployment.bind(settings), name=APP_NAME, route_prefix=None)
 
 
 def _has_cuda() -> bool:
@@ -76,17 +94,26 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def build_ingress(settings, options: ClusterOptions, handle):
-    """The FastAPI app over a `ClusterEngine` (with the cluster metrics on its `/metrics`)."""
+def build_ingress(settings, options: ClusterOptions, handle, info: dict | None = None):
+    """The FastAPI app over a `ClusterEngine` (with the cluster metrics on its `/metrics`). `info` is a
+    replica's `describe()` (fetched here, blocking, when not given)."""
     from server.app import create_app
     from server.cluster import board
     from server.cluster.client import ClusterEngine
     from server.cluster.metrics import ClusterCollector
     from server.engine.wiring import open_store_from_settings
 
-    info = handle.describe.remote().result()
+    info = info if info is not None else handle.describe.remote().result()
     store, limits = open_store_from_settings(settings)
-    engine = ClusterEngine(handle, store, info["spec"], info["model_id"], limits, options.max_retries)
+    engine = ClusterEngine(
+        handle,
+        store,
+        info["spec"],
+        info["model_id"],
+        limits,
+        options.max_retries,
+        send_routing_key=options.router == "affinity",
+    )
     app = create_app(settings, engine=engine)
     app.state.metrics.registry.register(ClusterCollector(board.latest, engine.counters))
     return app, engine

@@ -19,9 +19,10 @@ class ClusterOptions:
     replica_gpus: float | None = None
     load_factor: float = 1.25
     max_holders: int = 2
+    min_spill_load: int | None = None
     stats_period_s: float = 1.0
     max_retries: int = 2
-    ready_timeout_s: float = 300.0
+    router: str = "affinity"
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,11 +59,25 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         help="replicas a hot bundle may spread to (default: 2)",
     )
     add(
+        "--affinity-min-spill",
+        dest="min_spill_load",
+        type=int,
+        default=None,
+        help="never move a bundle off a replica with fewer requests in flight (default: --max-batch-size)",
+    )
+    add(
         "--cluster-stats-period",
         dest="stats_period_s",
         type=float,
         default=1.0,
         help="seconds between replica residency/metrics reports (default: 1)",
+    )
+    add(
+        "--cluster-router",
+        dest="router",
+        choices=["affinity", "pow2"],
+        default="affinity",
+        help="affinity (default): bundle-affinity router; pow2: Ray's default router (no affinity)",
     )
     add(
         "--cluster-retries",
@@ -83,8 +98,10 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         replica_gpus=args.replica_gpus,
         load_factor=args.load_factor,
         max_holders=args.max_holders,
+        min_spill_load=args.min_spill_load,
         stats_period_s=args.stats_period_s,
         max_retries=args.max_retries,
+        router=args.router,
     )
     if options.replicas < 0 or options.max_holders < 1 or options.max_retries < 0:
         raise ValueError("--replicas, --cluster-retries must be ≥ 0 and --affinity-max-holders ≥ 1")

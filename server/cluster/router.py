@@ -19,6 +19,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from server.cluster import board
@@ -48,6 +49,16 @@ class BundleAffinityRouter(RequestRouter):
                 held.add(r.replica_id.unique_id)
         return held
 
+    def _held_counts(self, replicas: list[RunningReplica]) -> dict[str, int]:
+        """Bundles each replica holds (routed there, or reported resident there)."""
+        held: dict[str, set[str]] = defaultdict(set)
+        for key, rids in self._routed_to.items():
+            for rid in rids:
+                held[rid].add(key)
+        for r in replicas:
+            held[r.replica_id.unique_id].update((r.routing_stats or {}).get("resident", {}))
+        return {rid: len(keys) for rid, keys in held.items()}
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
@@ -55,7 +66,16 @@ class BundleAffinityRouter(RequestRouter):
         key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         holders = self._holders(key, candidate_replicas) if key else set()
         loads = {rid: self.replica_queue_len_cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
-        ranked = self._policy.rank(key, list(by_id), loads, holders)
+        ranked = self._policy.rank(key, list(by_id), loads, holders, self._held_counts(candidate_replicas))
         if key and ranked:
             self._routed_to[key].add(ranked[0])
         return [[by_id[rid]] for rid in ranked]
+
+
+class PowerOfTwoWithReports(PowerOfTwoChoicesRequestRouter):
+    """Ray's default router, unchanged, that also publishes the replicas' reports (the no-affinity baseline
+    keeps its `/metrics`)."""
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        board.publish({r.replica_id.unique_id: r.routing_stats for r in replicas if r.routing_stats})
