@@ -11,9 +11,10 @@ Each scenario starts `m2pt serve --replicas 2` on the demo base model in a loopb
 - propagation: uploads through the ingress; time from the 201 to the first answer with the new version,
   until both replicas have served it (32 concurrent requests, over the spill bound: a hot bundle spreads by
   policy) and, after a delete, to the first 404;
-- replica loss: 16 clients (half streaming) for `--kill-window` s, SIGKILL of one replica after 8 s: failed
-  requests by kind, requests retried on the other replica, time until a replacement replica reports and until
-  it has served a request.
+- replica loss: `--kill-clients` (24, more than a replica's batch: some wait in its queue) clients, half
+  streaming, for `--kill-window` s, SIGKILL of one replica after 8 s: failed requests by kind, requests
+  retried on the other replica, time until a replacement replica process exists and until it has served a
+  request.
 Writes cluster.json and cluster.md under --out.
 """
 
@@ -244,7 +245,7 @@ def propagation_scenario(cluster: Cluster, frozen, workdir: Path, image_b64: str
     }
 
 
-def kill_scenario(cluster: Cluster, image_b64: str, window_s: float) -> dict:
+def kill_scenario(cluster: Cluster, image_b64: str, window_s: float, clients: int) -> dict:
     pids = cluster.proc.replica_pids()
     before_ids = {
         labels["replica"] for labels, _ in cluster.samples("m2pt_replica_cluster_routed_requests_total")
@@ -270,8 +271,8 @@ def kill_scenario(cluster: Cluster, image_b64: str, window_s: float) -> dict:
                     )
                     outcomes.append(f"http_{r.status_code}_{kind}")
 
-    with futures.ThreadPoolExecutor(16) as pool:
-        running = [pool.submit(run, i) for i in range(16)]
+    with futures.ThreadPoolExecutor(clients) as pool:
+        running = [pool.submit(run, i) for i in range(clients)]
         time.sleep(8)
         os.kill(pids[0], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -289,7 +290,7 @@ def kill_scenario(cluster: Cluster, image_b64: str, window_s: float) -> dict:
     lost = sum(v for _, v in cluster.samples("m2pt_cluster_lost_requests_total"))
     kinds = {k: outcomes.count(k) for k in sorted(set(outcomes))}
     return {
-        "clients": 16,
+        "clients": clients,
         "window_s": window_s,
         "requests": len(outcomes),
         "outcomes": kinds,
@@ -363,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--per-client", type=int, default=10, help="requests per client in the affinity run")
     parser.add_argument("--kill-window", type=float, default=40.0)
+    parser.add_argument(
+        "--kill-clients", type=int, default=24, help="> --max-batch-size: some requests wait in a queue"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import base64
@@ -388,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("affinity: %s", result["affinity"]["affinity"])
             result["propagation"] = propagation_scenario(cluster, frozen, work, image_b64)
             log.info("propagation: %s", result["propagation"])
-            result["replica_loss"] = kill_scenario(cluster, image_b64, args.kill_window)
+            result["replica_loss"] = kill_scenario(cluster, image_b64, args.kill_window, args.kill_clients)
             log.info("replica loss: %s", result["replica_loss"])
     (out / "cluster.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(out, result)

@@ -288,3 +288,32 @@ def test_replica_kill_under_load(cluster):
             assert status == 503 and json.loads(text)["error"]["type"] == "replica_lost", text
     assert wait_until(lambda: len(proc.replica_pids()) == 2 and pids[0] not in proc.replica_pids(), 90)
     assert wait_until(lambda: _chat(client, "b0", "what is this").status_code == 200, 30)
+
+
+def test_serve_application_behind_rays_proxy(tiny_model_dir, shared_store, single):
+    """The RayService path: the same app as a Serve ingress deployment behind Ray's HTTP proxy."""
+    import subprocess
+    import sys
+
+    from server.cluster.netns import NetnsUnavailable, in_loopback_netns
+
+    script = os.path.join(os.path.dirname(__file__), "cluster_serve_app_check.py")
+    argv = [sys.executable, script, str(tiny_model_dir), str(shared_store / "store"), "8123"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    try:
+        cmd = in_loopback_netns(argv)
+    except NetnsUnavailable as exc:
+        pytest.fail(f"cluster tests need a loopback-only network namespace: {exc}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(result[-1].removeprefix("RESULT "))
+    assert out["ready"]["status"] == "ready"
+    assert out["models"] == sorted(m["id"] for m in single.get("/v1/models").json()["data"])
+    for answer, bundle in zip(out["chat"], ("b0", "b1"), strict=True):
+        body = {"instruction": "what is this", "max_tokens": 8, "temperature": 0, "bundle": bundle}
+        assert answer["text"] == single.post("/v1/chat", json=body).json()["text"]
+    assert out["missing_status"] == 404 and out["missing"]["error"]["type"] == "bundle_not_found"
+    assert out["metrics_has_replicas"]
