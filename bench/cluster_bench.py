@@ -137,11 +137,12 @@ def closed_loop(cluster: Cluster, clients: int, per_client: int, image_b64: str,
                 out.append((r.status_code, time.monotonic() - t0, tokens))
         return out
 
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()[0]
     with futures.ThreadPoolExecutor(clients) as pool:
         results = [x for part in pool.map(run, plans) for x in part]
     wall = time.monotonic() - started
     return {
+        "host_loadavg_1m": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "requests": len(results),
         "ok": sum(1 for s, _, _ in results if s == 200),
         "wall_s": round(wall, 2),
@@ -325,6 +326,11 @@ def write_markdown(out: Path, result: dict) -> None:
             f"{r['tokens_per_s']} | {r['latency_p50_s']} s |"
         )
     lines += [
+        "",
+        f"Host load average (1 min) before/after each run: affinity {a['host_loadavg_1m']}, pow2 "
+        f"{b['host_loadavg_1m']} on 2 cores shared with other jobs, so tokens/s and latency are NOT "
+        "comparable between the two rows (earlier runs of this benchmark gave affinity/pow2 throughput "
+        "ratios of 1.40, 1.02 and 0.68); the load and hit figures do not depend on timing much.",
         "",
         "Loads are the engines' own `bundle_loads` counters summed over replicas (no evictions: 32 slots per "
         "replica). Resident-hit share: requests whose bundle was already resident on the replica that served "

@@ -8,10 +8,10 @@ Contract of `AffinityPolicy.rank(key, replicas, loads, holders)`:
 - a request for `key` goes to the first replica, in the key's rendezvous order, that already holds the key
   and is under the threshold; else, if the key has fewer than `max_holders` holders, to the first replica in
   rendezvous order that is under the threshold and holds fewer than `bundle_cap` bundles
-  (`ceil(load_factor × average bundles held)`: bounded load on bundle counts, so the bundles split evenly
-  however the hashes fall), or failing that the first under the threshold (this is how a hot bundle spreads
-  to a second replica: by policy, to a deterministic replica, never by accident); else to the least-loaded
-  holder;
+  (`ceil(count_factor × average bundles held)`, count_factor 1.0: bounded load on bundle counts, so the
+  bundles split evenly however the hashes fall), or failing that the first under the threshold (this is
+  how a hot bundle spreads to a second replica: by policy, to a deterministic replica, never by accident);
+  else to the least-loaded holder;
 - the answer is a ranking (first choice first, then every other replica by rendezvous order) so the caller
   can fall back when the first choice refuses the request (full);
 - requests without a key (the base model) go to the least-loaded replica.
@@ -43,6 +43,7 @@ class AffinityPolicy:
     load_factor: float = 1.25
     max_holders: int = 2
     min_spill_load: int = 1
+    count_factor: float = 1.0
 
     def threshold(self, loads: Mapping[str, int], replicas: Sequence[str]) -> int:
         total = sum(loads.get(r, 0) for r in replicas)
@@ -51,7 +52,7 @@ class AffinityPolicy:
     def bundle_cap(self, held: Mapping[str, int], replicas: Sequence[str]) -> int:
         """Most bundles a replica may hold before new ones are placed elsewhere (bounded load on counts)."""
         total = sum(held.get(r, 0) for r in replicas)
-        return max(1, math.ceil(self.load_factor * (total + 1) / max(1, len(replicas))))
+        return max(1, math.ceil(self.count_factor * (total + 1) / max(1, len(replicas))))
 
     def rank(
         self,

@@ -3,7 +3,8 @@
 Ray runs one router per `DeploymentHandle` in the calling process (the ingress). For each request it asks
 `choose_replicas` for ranked tiers; the first tier here is the single replica the affinity policy picked, the
 next tiers the others in the bundle's rendezvous order (taken only if the first refuses the request because it
-is at `max_ongoing_requests`). The routing key is the bundle's content hash, passed as the request's
+is at `max_ongoing_requests`, or, after `FIRST_CHOICE_TRIES` attempts, does not answer Ray's queue-length
+probe in time). The routing key is the bundle's content hash, passed as the request's
 `multiplexed_model_id` by `server.cluster.client` ("" for the base model).
 
 State, all local to this process: each replica's in-flight requests (Ray's own queue-length cache, which
@@ -26,6 +27,7 @@ from server.cluster import board
 from server.cluster.affinity import AffinityPolicy
 
 log = logging.getLogger(__name__)
+FIRST_CHOICE_TRIES = 3
 
 
 class BundleAffinityRouter(RequestRouter):
@@ -69,6 +71,13 @@ class BundleAffinityRouter(RequestRouter):
         ranked = self._policy.rank(key, list(by_id), loads, holders, self._held_counts(candidate_replicas))
         if key and ranked:
             self._routed_to[key].add(ranked[0])
+        if pending_request is not None and ranked:
+            # Ray drops a replica from a tier when its queue-length probe misses a short deadline (a busy
+            # host), which would move the bundle by accident: the first choice alone gets FIRST_CHOICE_TRIES.
+            tries = getattr(pending_request, "_m2pt_tries", 0) + 1
+            pending_request._m2pt_tries = tries  # type: ignore[attr-defined]
+            if tries <= FIRST_CHOICE_TRIES:
+                return [[by_id[ranked[0]]]]
         return [[by_id[rid]] for rid in ranked]
 
 
