@@ -155,5 +155,11 @@ def _run_cluster(args: argparse.Namespace, settings) -> int:
         hint = " (install the extra: pip install -e .[cluster])" if isinstance(exc, ImportError) else ""
         sys.stderr.write(f"m2pt serve: {exc}{hint}\n")
         return 2
+    from server.cluster.launch import RayExposedError
+
     level = str(getattr(args, "log_level", "info"))
-    return run_cluster(settings, options, access_log=args.access_log, log_level=level)
+    try:
+        return run_cluster(settings, options, access_log=args.access_log, log_level=level)
+    except RayExposedError as exc:
+        sys.stderr.write(f"m2pt serve: {exc}\n")
+        return 2

@@ -122,3 +122,21 @@ def test_new_bundles_split_evenly_however_the_hashes_fall():
     assert held == {"r-a": 8, "r-b": 8}  # count_factor 1.0: an even split
     # and once placed, a bundle stays where it is
     assert all(policy.rank(k, replicas, {"r-a": 0, "r-b": 0}, {r}, held)[0] == r for k, r in holders.items())
+
+
+def test_a_local_ray_is_refused_while_the_host_network_is_up(monkeypatch):
+    from server.cluster import launch, netns
+    from server.cluster.options import ClusterOptions
+
+    monkeypatch.setattr(netns, "exposed_interfaces", lambda: ["eth0"])
+    with pytest.raises(launch.RayExposedError, match="eth0 up: run in a loopback-only network namespace"):
+        launch.check_isolated(ClusterOptions(replicas=2))
+    launch.check_isolated(ClusterOptions(replicas=2, ray_expose=True))  # the operator accepted it
+    monkeypatch.setattr(netns, "exposed_interfaces", lambda: [])
+    launch.check_isolated(ClusterOptions(replicas=2))  # inside `unshare -n`: only lo
+
+
+def test_exposed_interfaces_lists_the_hosts_nics_but_not_loopback():
+    from server.cluster.netns import exposed_interfaces
+
+    assert "lo" not in exposed_interfaces()

@@ -38,8 +38,26 @@ def start_ray(options: ClusterOptions) -> None:
     if options.ray_address:
         ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=True)
     else:
+        check_isolated(options)
         cpus = max(2, int(options.replicas * options.replica_cpus + 1))
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+class RayExposedError(RuntimeError):
+    """Starting Ray here would open its ports on a network interface and `--ray-expose` was not given."""
+
+
+def check_isolated(options: ClusterOptions) -> None:
+    """Refuse to start a local Ray while non-loopback interfaces are up, unless `--ray-expose`."""
+    from server.cluster.netns import exposed_interfaces
+
+    exposed = exposed_interfaces()
+    if exposed and not options.ray_expose:
+        raise RayExposedError(
+            f"Ray's ports bind every interface and this host has {', '.join(exposed)} up: run in a "
+            "loopback-only network namespace (scripts/serve_cluster.sh, `unshare -n`), firewall Ray's ports "
+            "and pass --ray-expose, or join a cluster with --ray-address (docs/cluster.md)"
+        )
 
 
 def deploy_replicas(settings, options: ClusterOptions):

@@ -33,6 +33,14 @@ def in_loopback_netns(argv: Sequence[str]) -> list[str]:
     return [unshare, "-n", "bash", "-c", inner]
 
 
+def exposed_interfaces() -> list[str]:
+    """Network interfaces of this process's network namespace other than loopback (`if_nameindex` asks the
+    kernel about the current namespace; /sys/class/net would show the namespace sysfs was mounted in)."""
+    import socket
+
+    return sorted(name for _, name in socket.if_nameindex() if name != "lo")
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -23,6 +23,7 @@ class ClusterOptions:
     stats_period_s: float = 1.0
     max_retries: int = 2
     router: str = "affinity"
+    ray_expose: bool = False
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,12 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         help="join this Ray cluster ('auto' = the local one); default: start one",
     )
     add("--uds", default=None, metavar="PATH", help="listen on this Unix socket instead of --host/--port")
+    add(
+        "--ray-expose",
+        action="store_true",
+        help="start Ray although this host has network interfaces up (Ray's ports bind ALL of them; "
+        "default: refuse unless only loopback is up, e.g. inside `unshare -n`)",
+    )
     add("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default: 1)")
     add("--replica-gpus", type=float, default=None, help="Ray GPUs per replica (default: 1 if CUDA, else 0)")
     add(
@@ -102,6 +109,7 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         stats_period_s=args.stats_period_s,
         max_retries=args.max_retries,
         router=args.router,
+        ray_expose=args.ray_expose,
     )
     if options.replicas < 0 or options.max_holders < 1 or options.max_retries < 0:
         raise ValueError("--replicas, --cluster-retries must be ≥ 0 and --affinity-max-holders ≥ 1")
