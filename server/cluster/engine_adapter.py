@@ -13,13 +13,32 @@ from collections.abc import AsyncIterator
 from server.engine.types import GenerationRequest, StreamEvent
 
 
+def _engine_from_settings():
+    """`Settings, metrics -> Engine` of whichever engine surface this tree has (the redesigned engine's
+    `server.engine_settings.engine_from_settings`, or the current `Engine.from_settings`)."""
+    try:
+        from server.engine_settings import engine_from_settings  # type: ignore[import-not-found]
+    except ImportError:
+        from server.engine.engine import Engine
+
+        return Engine.from_settings
+    return engine_from_settings
+
+
+def open_store(settings):
+    """(BundleStore at `settings.store`, the limits every bundle must meet): the same as the engine's."""
+    try:
+        from server.engine_settings import open_store_from_settings  # type: ignore[import-not-found]
+    except ImportError:
+        from server.engine.wiring import open_store_from_settings
+    return open_store_from_settings(settings)
+
+
 async def build_engine(settings, metrics):
     """Load the model and start the engine loop (the model load runs in a worker thread)."""
     import asyncio
 
-    from server.engine.engine import Engine
-
-    engine = await asyncio.to_thread(Engine.from_settings, settings, metrics)
+    engine = await asyncio.to_thread(_engine_from_settings(), settings, metrics)
     await engine.start()
     return engine
 
@@ -43,12 +62,15 @@ def served_spec(engine):
 
 
 def is_resident(engine, content_hash: str) -> bool:
-    return content_hash in engine.residency
+    residency = getattr(engine, "residency", None)
+    return residency is not None and content_hash in resident_bundles(engine)
 
 
 def resident_bundles(engine) -> dict[str, str]:
     """content hash -> "name@version" of every bundle prefix resident on this engine's device."""
-    residency = engine.residency
+    residency = getattr(engine, "residency", None)
+    if residency is None:
+        return {}
     with residency._lock:  # the engine exposes no public listing yet
         return {key: entry.label for key, entry in residency._entries.items()}
 

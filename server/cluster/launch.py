@@ -118,11 +118,11 @@ def build_ingress(settings, options: ClusterOptions, handle, info: dict | None =
     from server.app import create_app
     from server.cluster import board
     from server.cluster.client import ClusterEngine
+    from server.cluster.engine_adapter import open_store
     from server.cluster.metrics import ClusterCollector
-    from server.engine.wiring import open_store_from_settings
 
     info = info if info is not None else handle.describe.remote().result()
-    store, limits = open_store_from_settings(settings)
+    store, limits = open_store(settings)
     engine = ClusterEngine(
         handle,
         store,
