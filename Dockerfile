@@ -11,6 +11,9 @@ RUN useradd --create-home --uid 10001 m2pt
 WORKDIR /opt/m2pt
 COPY --chown=m2pt:m2pt . /opt/m2pt
 RUN M2PT_TORCH=cuda bash scripts/setup.sh && mkdir -p /data/bundles && chown -R m2pt:m2pt /data /opt/m2pt
+# Optional extras, e.g. `--build-arg EXTRAS=cluster` for Ray Serve (deploy/rayservice.yaml).
+ARG EXTRAS=""
+RUN if [ -n "$EXTRAS" ]; then $VENV/bin/pip install --no-cache-dir -c constraints.txt -e ".[$EXTRAS]"; fi
 
 USER m2pt
 ENV PATH=/opt/m2pt/.venv/bin:$PATH

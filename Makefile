@@ -3,7 +3,7 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup setup-browser serve test test-all lint bench check-install
+.PHONY: setup setup-browser serve test test-all lint bench check-install serve-cluster test-cluster bench-cluster
 # Flags for `m2pt serve`, e.g. `make serve ARGS="--host 0.0.0.0 --port 9000"`.
 ARGS ?=
 setup:
@@ -35,3 +35,18 @@ check-install:
 
 bench: setup
 	$(VENV)/bin/python -m bench.serve_bench --out bench/results
+
+# Scale-out (docs/cluster.md): the demo on 2 Ray Serve replicas in a loopback-only network namespace (root),
+# on http://127.0.0.1:8000. Installs the optional extra first.
+serve-cluster: setup
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[cluster]'
+	bash scripts/serve_cluster.sh
+
+# The cluster tests (marked `cluster`, about 100 s on 2 cores; root for unshare -n).
+test-cluster: setup
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[cluster]'
+	$(VENV)/bin/python -m pytest -q -m cluster tests/test_cluster.py
+
+bench-cluster: setup
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[cluster]'
+	$(VENV)/bin/python -m bench.cluster_bench --out bench/results

@@ -103,6 +103,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=True,
         help="log one line per HTTP request (default: on)",
     )
+    from server.cluster.options import add_cluster_flags  # pure argparse; Ray loads only with --replicas
+
+    add_cluster_flags(parser)
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -160,6 +163,8 @@ def run_serve(args: argparse.Namespace) -> int:
         for line in describe_settings_error(exc, frozenset(env_settings()) - given).splitlines():
             sys.stderr.write(f"m2pt serve: {line}\n")
         return 2
+    if getattr(args, "replicas", 0):
+        return _run_cluster(args, settings)
     import uvicorn
 
     from server.app import create_app
@@ -183,3 +188,26 @@ def run_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
+
+
+def _run_cluster(args: argparse.Namespace, settings) -> int:
+    """`m2pt serve --replicas N`: the same API over N engine replicas on Ray Serve (docs/cluster.md)."""
+    from server.cluster.options import cluster_options
+
+    try:
+        options = cluster_options(args)
+        import ray.serve  # noqa: F401  (the optional extra)
+
+        from server.cluster.launch import run_cluster
+    except (ValueError, ImportError) as exc:
+        hint = " (install the extra: pip install -e .[cluster])" if isinstance(exc, ImportError) else ""
+        sys.stderr.write(f"m2pt serve: {exc}{hint}\n")
+        return 2
+    from server.cluster.launch import RayExposedError
+
+    level = str(getattr(args, "log_level", "info"))
+    try:
+        return run_cluster(settings, options, access_log=args.access_log, log_level=level)
+    except RayExposedError as exc:
+        sys.stderr.write(f"m2pt serve: {exc}\n")
+        return 2
