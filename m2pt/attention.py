@@ -1,18 +1,37 @@
 """Prefix-aware attention for the vision tower: the ViT half of the deep-prompt ↔ KV-prefix equivalence.
 
 A deep visual prompt is overwritten at every ViT layer's input, so the image tokens only ever see its keys and
-values. We pass those per row as `m2pt_prefix=(keys, values, key_bias)` through the HF layer's `**kwargs`; this
-function prepends them to the layer's own keys and values and runs SDPA. Without `m2pt_prefix` it is plain SDPA.
+values. Each attention module's prefix `(keys, values, key_bias)` is bound for the duration of a tower forward by
+`visual_prefixes({id(attn_module): prefix})` (a context variable, so concurrent threads do not see each other's
+prefixes; it works for towers whose attention does not forward `**kwargs`, e.g. SigLIP). A prefix may also be
+passed as `m2pt_prefix=` through kwargs. This function prepends it to the layer's own keys and values and runs
+SDPA. Without a prefix it is plain SDPA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 ATTN_NAME = "m2pt_prefix_sdpa"
+
+Prefix = tuple[Tensor, Tensor, Tensor]  # keys [B,H,P,hd], values [B,H,P,hd], additive bias [B,P]
+_BOUND: ContextVar[Mapping[int, Prefix] | None] = ContextVar("m2pt_visual_prefixes", default=None)
+
+
+@contextmanager
+def visual_prefixes(by_module: Mapping[int, Prefix]) -> Iterator[None]:
+    """Bind each attention module's prefix (keyed by `id(module)`) while the block runs."""
+    token = _BOUND.set(by_module)
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
 
 
 def prefix_sdpa_attention(
@@ -21,13 +40,16 @@ def prefix_sdpa_attention(
     key: Tensor,  # [B, H, Tk, hd]
     value: Tensor,  # [B, H, Tk, hd]
     attention_mask: Tensor | None,  # additive [B, 1, Tq, Tk] or None
-    m2pt_prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+    m2pt_prefix: Prefix | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """SDPA over `[prefix keys | own keys]`. `m2pt_prefix` = (keys [B,H,P,hd], values [B,H,P,hd], bias [B,P]),
     where bias is 0 for a real prefix row and -inf for padding (rows with a shorter prefix or none)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if m2pt_prefix is None:
+        bound = _BOUND.get()
+        m2pt_prefix = None if bound is None else bound.get(id(module))
     if m2pt_prefix is not None:
         prefix_k, prefix_v, prefix_bias = m2pt_prefix
         batch, _, q_len, _ = query.shape

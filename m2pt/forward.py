@@ -1,7 +1,8 @@
 """The one forward of a frozen LLaVA under M²PT prompts, for a batch whose rows each use a different bundle or none.
 
 Layout of a batch (verified exact against running each row alone, see tests/test_core_equivalence.py):
-- ViT: row b attends to `[visual prefix_b (left-padded, masked) | CLS | patches]` at every layer.
+- ViT: row b attends to `[visual prefix_b (left-padded, masked) | CLS (CLIP only) | patches]` at every layer
+  that runs (layers past the deepest `vision_feature_layer` are skipped).
 - LLM cache: `[pad | text prefix_b]` per layer; attention mask `[prefix mask | text mask]`;
   position ids of real tokens start at `Lt_b` (the prefix occupies RoPE positions 0..Lt_b-1).
 - Projector: rows whose bundle carries a projector use it; the others use the base projector.
@@ -20,7 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from m2pt.attention import visual_prefixes
 from m2pt.cache import GrowableLayer, set_layer_states
+from m2pt.families.base import ImageInput
 from m2pt.prefix import BundlePrefix
 
 NEG_INF = float("-inf")
@@ -33,6 +36,7 @@ class RowInput:
     input_ids: Tensor  # [T] long
     image_features: Tensor | None  # [n_image_tokens, D], one block per image in order; None if no image
     prefix: BundlePrefix | None
+    images: Sequence[ImageInput] = ()  # the row's images (families whose positions depend on them read these)
 
 
 def _stack_prefixes(
@@ -62,11 +66,26 @@ def _stack_prefixes(
     return keys, values, bias
 
 
+def feature_layer_indices(config) -> list[int]:
+    """`config.vision_feature_layer` as non-negative indices into the tower's hidden states (0 = embeddings,
+    i = output of layer i-1), so that they stay valid when only the needed layers run."""
+    layer = config.vision_feature_layer
+    total = config.vision_config.num_hidden_layers + 1
+    return [i if i >= 0 else total + i for i in ([layer] if isinstance(layer, int) else layer)]
+
+
+def vision_layers_used(config) -> int:
+    """How many ViT layers must run: up to the deepest one `vision_feature_layer` selects. Later layers' outputs
+    are never read, so they are not run and a bundle carries no visual prompts for them."""
+    return max(feature_layer_indices(config))
+
+
 def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> Tensor:
-    """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does."""
+    """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does.
+
+    `hidden_states` is the embedding output and then each run layer's output (possibly fewer than all layers)."""
     cfg = model.config
-    layer = cfg.vision_feature_layer
-    chosen = [hidden_states[i] for i in ([layer] if isinstance(layer, int) else layer)]
+    chosen = [hidden_states[i] for i in feature_layer_indices(cfg)]
     if cfg.vision_feature_select_strategy == "default":
         chosen = [h[:, 1:] for h in chosen]
     return torch.cat(chosen, dim=-1)  # [B, N, Dv']
@@ -75,15 +94,23 @@ def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> 
 def vision_hidden_states(
     model: nn.Module, pixel_values: Tensor, prefixes: Sequence[BundlePrefix | None]
 ) -> list[Tensor]:
-    """Run the ViT with each row's visual prefix; returns the embedding output and every layer's output."""
+    """Run the ViT's needed layers (`vision_layers_used`) with each row's visual prefix; returns the embedding
+    output and each run layer's output. CLIP applies `pre_layrnorm` to the embeddings; SigLIP has none (and its
+    `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads)."""
     tower = model.model.vision_tower
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values.to(tower.dtype)))  # [B, 1+N, Dv]
+    hidden = tower.embeddings(pixel_values.to(tower.dtype))  # [B, (1+)N, Dv]
+    pre_norm = getattr(tower, "pre_layrnorm", None)
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
     parts = [None if p is None or p.visual_k is None else (p.visual_k, p.visual_v) for p in prefixes]
     stacked = _stack_prefixes(parts, hidden)
     states = [hidden]
-    for idx, layer in enumerate(tower.encoder.layers):
-        extra = {} if stacked is None else {"m2pt_prefix": (stacked[0][idx], stacked[1][idx], stacked[2])}
-        hidden = layer(hidden, None, **extra)
+    for idx, layer in enumerate(tower.encoder.layers[: vision_layers_used(model.config)]):
+        bound = (
+            {} if stacked is None else {id(layer.self_attn): (stacked[0][idx], stacked[1][idx], stacked[2])}
+        )
+        with visual_prefixes(bound):
+            hidden = layer(hidden, None)
         states.append(hidden)
     return states
 

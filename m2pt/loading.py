@@ -1,5 +1,14 @@
-"""Load a Hugging Face LLaVA checkpoint frozen, on a chosen device and dtype, and describe it as a `ModelSpec`.
+"""Load a Hugging Face checkpoint frozen, on a chosen device and dtype, through the startup gate, and describe it
+as a `ModelSpec`.
 
+The gate (`load_frozen_llava`), in order, each step refusing with `UnsupportedModelError` and a message that says
+what is supported:
+1. read the config only and pick the family (`m2pt.families.registry.family_for_config`): unknown architectures,
+   towers and LLMs are refused before any weight is read;
+2. load the weights with loading info and refuse missing, unexpected or mismatched keys (a randomly initialised
+   projector must never be served);
+3. check the module shapes the prompt math relies on (`family.check_modules`);
+4. run a one-row smoke prefill with a blank image through the family's own forward (`m2pt.gate.smoke_prefill`).
 Loading is the only place that touches the hub or disk; nothing here runs at import time.
 """
 
@@ -12,16 +21,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from m2pt.attention import install_prefix_attention
+from m2pt.families.base import ModelFamily, UnsupportedModelError
+from m2pt.families.llava import LLAVA
+from m2pt.families.registry import family_for_config, family_of
 from m2pt.spec import ModelSpec
+
+__all__ = [
+    "UnsupportedModelError",
+    "FrozenLlava",
+    "load_frozen_llava",
+    "spec_from_model",
+    "spec_from_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not a LLaVA model with a CLIP-style vision tower and a Llama-family LLM."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,13 +63,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class FrozenLlava:
-    """A loaded base: the HF model (eval mode, no grads), its processor, and its spec."""
+    """A loaded base: the HF model (eval mode, no grads), its processor, its spec and its family adapter."""
 
-    model: nn.Module  # LlavaForConditionalGeneration
-    processor: Any  # LlavaProcessor
+    model: nn.Module  # e.g. LlavaForConditionalGeneration
+    processor: Any  # e.g. LlavaProcessor
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
+    family: ModelFamily = LLAVA
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -66,50 +82,64 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def spec_from_model(model: nn.Module, model_id: str) -> ModelSpec:
-    """Read a `ModelSpec` off a LlavaForConditionalGeneration; raise `UnsupportedModelError` for other shapes."""
-    cfg = model.config
-    vcfg, tcfg = cfg.vision_config, cfg.text_config
-    inner = model.model
-    layers = getattr(getattr(inner.vision_tower, "encoder", None), "layers", None)
-    if layers is None or not hasattr(inner.language_model, "layers"):
+    """Read a `ModelSpec` off a loaded model of a supported family."""
+    return family_of(model).spec_from_model(model, model_id)
+
+
+def gate_config(name_or_path: str) -> tuple[Any, ModelFamily]:
+    """Step 1 of the gate: the checkpoint's config and its family, or `UnsupportedModelError`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    return config, family_for_config(config, str(name_or_path))
+
+
+def spec_from_checkpoint(name_or_path: str) -> ModelSpec:
+    """The `ModelSpec` of a checkpoint from its config alone (a meta-device skeleton; no weights are read),
+    through the same config and module checks as loading."""
+    config, family = gate_config(name_or_path)
+    with torch.device("meta"):
+        skeleton = family.model_class()(config)
+    family.check_modules(skeleton, str(name_or_path))
+    return family.spec_from_model(skeleton, str(name_or_path))
+
+
+def check_loading_info(info: dict[str, Any], model_id: str) -> None:
+    """Step 2 of the gate: every weight the model has came from the checkpoint, and nothing was left over."""
+    problems = []
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(k) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            problems.append(f"{key.replace('_', ' ')}: {shown}")
+    if problems:
         raise UnsupportedModelError(
-            f"{model_id}: expected a LLaVA model with vision_tower.encoder.layers (CLIP-style) and a decoder LLM"
+            f"{model_id}: the checkpoint's weights do not match its architecture ({'; '.join(problems)}); "
+            "refusing to serve a partly random model"
         )
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
-    patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    num_image_tokens = patches + (0 if cfg.vision_feature_select_strategy == "default" else 1)
-    proj = inner.multi_modal_projector.state_dict()
-    return ModelSpec(
-        model_id=model_id,
-        vit_layers=vcfg.num_hidden_layers,
-        vit_dim=vcfg.hidden_size,
-        vit_heads=vcfg.num_attention_heads,
-        llm_layers=tcfg.num_hidden_layers,
-        llm_dim=tcfg.hidden_size,
-        llm_heads=tcfg.num_attention_heads,
-        llm_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
-        llm_head_dim=head_dim,
-        vocab_size=tcfg.vocab_size,
-        image_token_id=cfg.image_token_id,
-        image_size=vcfg.image_size,
-        patch_size=vcfg.patch_size,
-        num_image_tokens=num_image_tokens,
-        projector_shapes={k: tuple(v.shape) for k, v in proj.items()},
-    )
 
 
-def load_frozen_llava(name_or_path: str, device: str = "auto", dtype: str = "auto") -> FrozenLlava:
-    """Load model + processor from a local directory or hub id, frozen, on `device` in `dtype`.
+def load_frozen_llava(
+    name_or_path: str, device: str = "auto", dtype: str = "auto", smoke: bool = True
+) -> FrozenLlava:
+    """Load model + processor from a local directory or hub id through the gate (module docstring), frozen, on
+    `device` in `dtype`. `smoke=False` skips step 4 (only for callers that run their own forward at once)."""
+    from m2pt.gate import smoke_prefill
 
-    The vision tower is switched to the prefix-aware attention (identical to SDPA when no prefix is given).
-    """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
+    model_id = str(name_or_path)
+    config, family = gate_config(name_or_path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    log.info("loading %s on %s as %s", name_or_path, dev, dt)
-    model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dt, attn_implementation="sdpa")
+    log.info("loading %s (%s family) on %s as %s", model_id, family.name, dev, dt)
+    model, info = family.model_class().from_pretrained(
+        name_or_path, config=config, dtype=dt, attn_implementation="sdpa", output_loading_info=True
+    )
+    check_loading_info(info, model_id)
+    family.check_modules(model, model_id)
     model = freeze(model.to(dev))
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    install_prefix_attention(model)
-    return FrozenLlava(model, processor, spec_from_model(model, str(name_or_path)), dev, dt)
+    processor = family.load_processor(name_or_path)
+    family.prepare(model)
+    frozen = FrozenLlava(model, processor, family.spec_from_model(model, model_id), dev, dt, family)
+    if smoke:
+        smoke_prefill(frozen)
+    return frozen

@@ -38,17 +38,12 @@ def _fail(message: str) -> int:
 
 
 def spec_from_checkpoint(model: str):  # -> ModelSpec
-    """The `ModelSpec` of a LLaVA checkpoint (local dir or hub id), built from its config on the meta
-    device."""
-    import torch
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    """The `ModelSpec` of a checkpoint (local dir or hub id) from its config alone, through the startup gate's
+    config and module checks (`m2pt.loading.spec_from_checkpoint`); unsupported models raise
+    `UnsupportedModelError`."""
+    from m2pt.loading import spec_from_checkpoint as gated_spec
 
-    from m2pt.loading import spec_from_model
-
-    config = AutoConfig.from_pretrained(model)
-    with torch.device("meta"):
-        skeleton = LlavaForConditionalGeneration(config)
-    return spec_from_model(skeleton, str(model))
+    return gated_spec(model)
 
 
 def _limits(args: argparse.Namespace):
@@ -190,12 +185,15 @@ def _guarded(func):
     stderr."""
 
     def run(args: argparse.Namespace) -> int:
+        from m2pt.families.base import UnsupportedModelError
         from prompts_store.errors import BundleError
 
         try:
             return func(args)
         except BundleError as exc:
             return _fail(f"{exc} [{exc.error_type}]")
+        except UnsupportedModelError as exc:
+            return _fail(f"{exc} [unsupported_model]")
         except OSError as exc:
             return _fail(str(exc))
 

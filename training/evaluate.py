@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from m2pt.forward import RowInput, decode_step, encode_images, prefill
-from m2pt.prefix import BundlePrefix, compute_prefix
+from m2pt.families.base import ImageInput
+from m2pt.families.registry import family_of
+from m2pt.forward import RowInput
+from m2pt.prefix import BundlePrefix
 from m2pt.prompts import PromptTensors
 from training.data import Encoded, EncodedDataset
 
@@ -36,11 +38,14 @@ class EvalResult:
 
 def greedy_batch(model: nn.Module, examples: list[Encoded], prefix: BundlePrefix | None) -> list[list[int]]:
     """Greedy tokens for each prompt: as many as the longest answer (+ `</s>`) in the batch."""
-    device = next(model.parameters()).device
-    pixels = torch.stack([e.pixel_values for e in examples]).to(device)  # [B, 3, H, W]
-    features = encode_images(model, pixels, [prefix] * len(examples))  # [B, N, D]
-    rows = [RowInput(e.input_ids[: e.prompt_len], features[b], prefix) for b, e in enumerate(examples)]
-    logits, state = prefill(model, rows)  # [B, V]
+    family = family_of(model)
+    images = [ImageInput(e.pixel_values) for e in examples]
+    features = family.encode_images(model, images, [prefix] * len(examples))  # B x [N, D]
+    rows = [
+        RowInput(e.input_ids[: e.prompt_len], features[b], prefix, (images[b],))
+        for b, e in enumerate(examples)
+    ]
+    logits, state = family.prefill(model, rows)  # [B, V]
     steps = max(int(e.answer_ids.shape[0]) for e in examples)
     generated: list[list[int]] = [[] for _ in examples]
     for step in range(steps):
@@ -48,7 +53,7 @@ def greedy_batch(model: nn.Module, examples: list[Encoded], prefix: BundlePrefix
         for b, tok in enumerate(tokens.tolist()):
             generated[b].append(tok)
         if step + 1 < steps:
-            logits = decode_step(model, state, tokens)
+            logits = family.decode_step(model, state, tokens)
     return generated
 
 
@@ -65,7 +70,7 @@ def evaluate(
     indices = list(range(rank, len(dataset), world_size))
     result = EvalResult(0, 0)
     with torch.inference_mode():
-        prefix = None if prompts is None else compute_prefix(model, prompts)
+        prefix = None if prompts is None else family_of(model).compute_prefix(model, prompts)
         for start in range(0, len(indices), batch_size):
             chunk = [dataset.examples[i] for i in indices[start : start + batch_size]]
             for ex, tokens in zip(chunk, greedy_batch(model, chunk, prefix), strict=True):

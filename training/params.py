@@ -3,8 +3,9 @@ forward.
 
 `PromptModule` holds one task's `PromptTensors` as fp32 `nn.Parameter`s (text prompts, visual prompts,
 projector weights) and a non-registered reference to the frozen base. Its `forward(batch)` runs the core's
-single implementation of the prompt math: `compute_prefix` -> `encode_images` -> `prefill(all_logits=True)`,
-and returns the answer-token cross-entropy. The frozen model is not a submodule: DDP neither broadcasts nor
+single implementation of the prompt math, through the base's family adapter (`m2pt.families`):
+`compute_prefix` -> `encode_images` -> `prefill(all_logits=True)`, and returns the answer-token cross-entropy.
+The frozen model is not a submodule: DDP neither broadcasts nor
 reduces it, and `state_dict()` holds the trainable tensors only.
 
 It does not own the optimiser, data order or I/O (see `training.trainer`, `training.checkpoint`).
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from m2pt.forward import RowInput, encode_images, prefill
-from m2pt.prefix import compute_prefix
+from m2pt.families.base import ImageInput
+from m2pt.families.registry import family_of
+from m2pt.forward import RowInput
 from m2pt.prompts import PromptTensors
 from training.data import IGNORE_INDEX, Batch
 
@@ -60,13 +62,12 @@ class PromptModule(nn.Module):
     def logits(self, batch: Batch) -> Tensor:
         """Left-padded logits [B, T, V] of the whole batch under the current prompts."""
         model = self.frozen
-        device = next(model.parameters()).device
-        prefix = compute_prefix(model, self.prompts())
-        features = encode_images(
-            model, batch.pixel_values.to(device), [prefix] * len(batch.input_ids)
-        )  # [B, N, D]
-        rows = [RowInput(ids, features[b], prefix) for b, ids in enumerate(batch.input_ids)]
-        logits, _ = prefill(model, rows, all_logits=True)  # [B, T, V]
+        family = family_of(model)
+        prefix = family.compute_prefix(model, self.prompts())
+        images = [ImageInput(px) for px in batch.pixel_values]  # one image per example
+        features = family.encode_images(model, images, [prefix] * len(images))  # B x [N, D]
+        rows = [RowInput(ids, features[b], prefix, (images[b],)) for b, ids in enumerate(batch.input_ids)]
+        logits, _ = family.prefill(model, rows, all_logits=True)  # [B, T, V]
         return logits
 
     def forward(self, batch: Batch, global_tokens: int) -> Tensor:

@@ -102,7 +102,7 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} is the global batch; it must be >= {ctx.world_size} processes"
             )
         base_projector = (
-            self.base.model.model.multi_modal_projector.state_dict() if cfg.tune_projector else None
+            self.base.family.projector(self.base.model).state_dict() if cfg.tune_projector else None
         )
         prompts = init_prompts(
             self.base.spec, cfg.text_prompts, cfg.visual_prompts, base_projector, seed=cfg.seed

@@ -331,8 +331,6 @@ class Engine:
 
     def _load_prefix(self, ref):
         """Blocking: read + validate the bundle from the store and precompute its prefix (residency's loader)."""
-        from m2pt.prefix import compute_prefix
-
         loaded = self.store.load(ref, self.spec, self.bundle_limits)
         with torch.inference_mode():
-            return compute_prefix(self.frozen.model, loaded.prompts)
+            return self.frozen.family.compute_prefix(self.frozen.model, loaded.prompts)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from m2pt.forward import DecodeState, RowInput, decode_step, encode_images, prefill
+from m2pt.families.base import ImageInput
+from m2pt.forward import DecodeState, RowInput
 from m2pt.loading import FrozenLlava
 from m2pt.prefix import BundlePrefix
 
@@ -28,10 +29,18 @@ class PreparedRow:
 
     request_id: str
     input_ids: Tensor  # [T] long, image placeholders expanded
-    pixel_values: Tensor | None  # [n_images, 3, H, W]
+    pixel_values: Tensor | None  # [n_images, 3, H, W] (plain LLaVA; other families use `images`)
     image_keys: list[str]  # content hash of each image
     prefix: BundlePrefix | None
     bundle_key: str  # bundle content hash, or "base"
+    images: list[ImageInput] | None = (
+        None  # one per image, from `family.split_images`; None: from pixel_values
+    )
+
+    def image_inputs(self) -> list[ImageInput]:
+        if self.images is not None:
+            return self.images
+        return [] if self.pixel_values is None else [ImageInput(px) for px in self.pixel_values]
 
 
 class ImageFeatureCache:
@@ -65,6 +74,7 @@ class ModelRunner:
     def __init__(self, frozen: FrozenLlava, image_cache_size: int = 256, metrics=None) -> None:
         self.frozen = frozen
         self.model = frozen.model
+        self.family = frozen.family
         self.images = ImageFeatureCache(image_cache_size, metrics)
         self.state: DecodeState | None = None
         self.row_ids: list[str] = []
@@ -73,8 +83,8 @@ class ModelRunner:
     def prefill(self, rows: Sequence[PreparedRow]) -> Tensor:
         """Prefill `rows` as one batch and append them to the running batch; returns their logits [n, V]."""
         features = self._image_features(rows)
-        inputs = [RowInput(r.input_ids, features[i], r.prefix) for i, r in enumerate(rows)]
-        logits, new_state = prefill(self.model, inputs)
+        inputs = [RowInput(r.input_ids, features[i], r.prefix, r.image_inputs()) for i, r in enumerate(rows)]
+        logits, new_state = self.family.prefill(self.model, inputs)
         self.state = new_state if self.state is None else DecodeState.merge([self.state, new_state])
         self.row_ids += [r.request_id for r in rows]
         return logits.float()
@@ -84,7 +94,8 @@ class ModelRunner:
         """Advance every running row by its last token (in `row_ids` order); returns logits [B, V]."""
         assert self.state is not None and len(tokens) == len(self.row_ids)
         device = self.state.attention_mask.device
-        return decode_step(self.model, self.state, torch.tensor(list(tokens), device=device)).float()
+        tokens_t = torch.tensor(list(tokens), device=device)
+        return self.family.decode_step(self.model, self.state, tokens_t).float()
 
     def drop(self, request_ids: set[str]) -> None:
         """Remove rows (finished, aborted, expired) from the running batch."""
@@ -101,8 +112,9 @@ class ModelRunner:
     def _image_features(self, rows: Sequence[PreparedRow]) -> list[Tensor | None]:
         """Each row's image features [n_tokens, D] (its images in order), from the cache or one batched encode."""
         found: dict[tuple[str, str], Tensor] = {}
-        missing: dict[tuple[str, str], tuple[Tensor, BundlePrefix | None]] = {}
+        missing: dict[tuple[str, str], tuple[ImageInput, BundlePrefix | None]] = {}
         for row in rows:
+            images = row.image_inputs()
             for idx, key in enumerate(row.image_keys):
                 cache_key = (key, row.bundle_key)
                 if cache_key in found or cache_key in missing:
@@ -111,10 +123,11 @@ class ModelRunner:
                 if hit is not None:
                     found[cache_key] = hit
                 else:
-                    missing[cache_key] = (row.pixel_values[idx], row.prefix)
+                    missing[cache_key] = (images[idx], row.prefix)
         if missing:
-            pixels = torch.stack([px for px, _ in missing.values()]).to(self.frozen.device)  # [M, 3, H, W]
-            encoded = encode_images(self.model, pixels, [pre for _, pre in missing.values()])  # [M, N, D]
+            encoded = self.family.encode_images(
+                self.model, [im for im, _ in missing.values()], [pre for _, pre in missing.values()]
+            )  # M x [N_i, D]
             for i, cache_key in enumerate(missing):
                 found[cache_key] = encoded[i]
                 self.images.put(cache_key, encoded[i])
