@@ -167,7 +167,10 @@ def _text_config(cfg: TinyQwenVLConfig, vocab_size: int) -> dict[str, Any]:
     }
     if cfg.family == "qwen2_5_vl":
         section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # real: [16, 24, 24] of 64
-        return {**common, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}}
+        return {
+            **common,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        }
     section = [half - 2 * (half // 4), half // 4, half // 4]  # real: [24, 20, 20] of 64
     return {
         **common,
@@ -181,7 +184,9 @@ def _text_config(cfg: TinyQwenVLConfig, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def build_qwen_model(cfg: TinyQwenVLConfig, vocab_size: int):  # -> Qwen2_5_VL / Qwen3VL ForConditionalGeneration
+def build_qwen_model(
+    cfg: TinyQwenVLConfig, vocab_size: int
+):  # -> Qwen2_5_VL / Qwen3VL ForConditionalGeneration
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,

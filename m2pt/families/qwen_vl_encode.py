@@ -10,9 +10,10 @@ interpolation) is transformers' own (`transformers.vision_utils`), so it tracks 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from m2pt.families.qwen_vl_vision import (
     DEEPSTACK,
@@ -36,11 +37,17 @@ def _check(pixel_values: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePref
     if len(prefixes) != grid_thw.shape[0]:
         raise ValueError(f"{grid_thw.shape[0]} images but {len(prefixes)} prefixes (one per image)")
     if int(grid_thw.prod(-1).sum()) != pixel_values.shape[0]:
-        raise ValueError(f"image_grid_thw covers {int(grid_thw.prod(-1).sum())} patches, got {pixel_values.shape[0]}")
+        raise ValueError(
+            f"image_grid_thw covers {int(grid_thw.prod(-1).sum())} patches, got {pixel_values.shape[0]}"
+        )
 
 
 def _merge(
-    model: nn.Module, hidden: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePrefix | None], module_name: str
+    model: Any,
+    hidden: Tensor,
+    grid_thw: Tensor,
+    prefixes: Sequence[BundlePrefix | None],
+    module_name: str,
 ) -> list[Tensor]:
     """Apply a merger (`merger` or `deepstack_merger_list.i`) per image with its bundle's weights: [N_i, D] each."""
     visual = model.model.visual
@@ -48,15 +55,19 @@ def _merge(
     starts, sizes = _image_starts(grid_thw), grid_thw.prod(-1).tolist()
     return [
         apply_projector(module, None if p is None else p.projector, module_name, hidden[s : s + n])
-        for s, n, p in zip(starts, sizes, prefixes)
+        for s, n, p in zip(starts, sizes, prefixes, strict=True)
     ]
 
 
 def encode_images_qwen2_5(
-    model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePrefix | None]
+    model: Any, pixel_values: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePrefix | None]
 ) -> list[ImageFeatures]:
     """Qwen2.5-VL: windowed blocks (prefix per window) and full blocks (prefix per image), then the merger."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
 
     _check(pixel_values, grid_thw, prefixes)
     visual = model.model.visual
@@ -76,11 +87,11 @@ def encode_images_qwen2_5(
         hidden = block_forward(block, hidden, rope, chunks, block_prefixes(prefixes, idx), keys)
     merged = torch.cat(_merge(model, hidden, grid_thw, prefixes, MERGER))[torch.argsort(window_index)]
     sizes = (grid_thw.prod(-1) // merge**2).tolist()
-    return [ImageFeatures(e, g) for e, g in zip(torch.split(merged, sizes), grid_thw)]
+    return [ImageFeatures(e, g) for e, g in zip(torch.split(merged, sizes), grid_thw, strict=True)]
 
 
 def encode_images_qwen3(
-    model: nn.Module, pixel_values: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePrefix | None]
+    model: Any, pixel_values: Tensor, grid_thw: Tensor, prefixes: Sequence[BundlePrefix | None]
 ) -> list[ImageFeatures]:
     """Qwen3-VL: learned + RoPE positions, full attention per image, deepstack taps, then the mergers."""
     from transformers.vision_utils import (

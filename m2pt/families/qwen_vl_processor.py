@@ -19,7 +19,9 @@ def image_only_processor_class(family: str) -> type:
     import transformers
 
     if family not in PROCESSOR_CLASSES:
-        raise ValueError(f"no Qwen-VL processor for model_type {family!r}; known: {sorted(PROCESSOR_CLASSES)}")
+        raise ValueError(
+            f"no Qwen-VL processor for model_type {family!r}; known: {sorted(PROCESSOR_CLASSES)}"
+        )
     base = getattr(transformers, PROCESSOR_CLASSES[family])
 
     class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
@@ -37,7 +39,9 @@ def image_only_processor_class(family: str) -> type:
     return ImageOnlyProcessor
 
 
-def build_image_only_processor(family: str, image_processor: Any, tokenizer: Any, chat_template: str | None) -> Any:
+def build_image_only_processor(
+    family: str, image_processor: Any, tokenizer: Any, chat_template: str | None
+) -> Any:
     return image_only_processor_class(family)(image_processor, tokenizer, chat_template=chat_template)
 
 

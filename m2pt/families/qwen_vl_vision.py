@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,7 @@ class ImageFeatures:
     deepstack: Tensor | None = None  # [n_deepstack, N, D] (Qwen3-VL), None for Qwen2.5-VL
 
 
-def visual_block_kv(model: nn.Module, block_idx: int, prompt: Tensor) -> tuple[Tensor, Tensor]:
+def visual_block_kv(model: Any, block_idx: int, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """K/V of `prompt` [Lv, Dv] at vision block `block_idx`, each [H, Lv, hd]; no RoPE."""
     block = model.model.visual.blocks[block_idx]
     attn = block.attn
@@ -53,7 +54,7 @@ def _chunk_owner(cu_seqlens: Tensor, image_starts: list[int]) -> list[tuple[int,
     """(start, end, image index) per chunk; chunks never straddle images."""
     bounds = cu_seqlens.tolist()
     out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         owner = max(i for i, s in enumerate(image_starts) if s <= start)
         out.append((int(start), int(end), owner))
     return out
@@ -68,7 +69,9 @@ def _chunk_attention(
     prefix_keys: Sequence[int],  # per image: equal keys <=> the same prefix (batched together)
     scale: float,
 ) -> Tensor:
-    """Attention within each chunk over `[its image's prefix | chunk]`; chunks of equal length and prefix run batched."""
+    """Attention within each chunk over `[its image's prefix | chunk]`.
+
+    Chunks of equal length and equal prefix run as one batched SDPA call."""
     groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     for chunk in chunks:
         groups.setdefault((chunk[1] - chunk[0], prefix_keys[chunk[2]]), []).append(chunk)
@@ -87,7 +90,7 @@ def _chunk_attention(
 
 
 def block_forward(
-    block: nn.Module,
+    block: Any,
     hidden: Tensor,  # [S, Dv]
     position_embeddings: tuple[Tensor, Tensor],  # cos, sin [S, hd]
     chunks: list[tuple[int, int, int]],
@@ -109,10 +112,13 @@ def block_prefixes(
     prefixes: Sequence[BundlePrefix | None], block_idx: int
 ) -> list[tuple[Tensor, Tensor] | None]:
     """Per image: this block's visual (K, V), or None for an image without visual prompts."""
-    return [
-        None if p is None or p.visual_k is None else (p.visual_k[block_idx], p.visual_v[block_idx])
-        for p in prefixes
-    ]
+    out: list[tuple[Tensor, Tensor] | None] = []
+    for p in prefixes:
+        if p is None or p.visual_k is None or p.visual_v is None:
+            out.append(None)
+        else:
+            out.append((p.visual_k[block_idx], p.visual_v[block_idx]))
+    return out
 
 
 def prefix_keys(prefixes: Sequence[BundlePrefix | None]) -> list[int]:
@@ -128,7 +134,7 @@ def apply_projector(module: nn.Module, weights: dict[str, Tensor] | None, prefix
     return functional_call(module, own, (x,))
 
 
-def projector_state(model: nn.Module) -> dict[str, Tensor]:
+def projector_state(model: Any) -> dict[str, Tensor]:
     """The base projector's weights, keyed as bundles store them (relative to `model.model.visual`)."""
     visual = model.model.visual
     state = {MERGER + k: v for k, v in visual.merger.state_dict().items()}

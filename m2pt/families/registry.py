@@ -15,16 +15,15 @@ from m2pt.families.base import ModelFamily, UnsupportedModelError
 
 def _families() -> list[ModelFamily]:
     from m2pt.families.llava import LLAVA
+    from m2pt.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 
-    return [LLAVA]
+    return [LLAVA, QWEN2_5_VL, QWEN3_VL]
 
 
 KNOWN_UNSUPPORTED = {
     "LlavaNextForConditionalGeneration": "LLaVA-NeXT (any-res tiles, image_newline)",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision (any-res tiles, image_newline)",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL (M-RoPE, windowed packed-patch ViT)",
-    "Qwen3VLForConditionalGeneration": "Qwen3-VL (M-RoPE, deepstack)",
     "Gemma3ForConditionalGeneration": "Gemma 3 (local/global RoPE, bidirectional image attention)",
     "PaliGemmaForConditionalGeneration": "PaliGemma (prefix-LM mask)",
     "Idefics3ForConditionalGeneration": "Idefics3 (pixel-shuffle connector, image splitting)",
