@@ -53,7 +53,7 @@ def test_no_bundle_equals_hf_model_logits(qwen):
     assert torch.allclose(ours, hf, atol=ATOL), (ours - hf).abs().max()
 
 
-def greedy_alone(frozen, ids, images, prefix, steps):
+def greedy_alone(frozen, ids, images, prefix, steps, suppress=None):
     family, model = frozen.family, frozen.model
     feats = family.encode_images(model, images, [prefix] * len(images))
     logits, state = family.prefill(
@@ -61,7 +61,10 @@ def greedy_alone(frozen, ids, images, prefix, steps):
     )
     all_logits, tokens = [logits[0]], []
     for _ in range(steps):
-        tokens.append(int(all_logits[-1].argmax()))
+        scores = all_logits[-1].clone()
+        if suppress is not None:  # what HF's min_new_tokens does to EOS
+            scores[suppress] = float("-inf")
+        tokens.append(int(scores.argmax()))
         all_logits.append(family.decode_step(model, state, torch.tensor([tokens[-1]]))[0])
     return torch.stack(all_logits), tokens
 
@@ -72,7 +75,9 @@ def test_no_bundle_greedy_equals_hf_generate(qwen):
     steps = 10
     with torch.no_grad():
         hf = frozen.model.generate(**encoded, max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
-        _, ours = greedy_alone(frozen, ids, images, None, steps)
+        _, ours = greedy_alone(
+            frozen, ids, images, None, steps, suppress=frozen.processor.tokenizer.eos_token_id
+        )
     hf_tokens = hf[0, ids.shape[0] :].tolist()
     assert len(hf_tokens) == steps and ours == hf_tokens, (ours, hf_tokens)
     assert len(set(ours)) > 1, "a degenerate model would make this comparison weak"

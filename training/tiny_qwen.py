@@ -65,7 +65,7 @@ class TinyQwenVLConfig:
     vit_mlp: int = 64
     window_size: int = 32  # Qwen2.5-VL: 2x2 merged units per window (real: 112 / 14 / 2 = 4)
     llm_dim: int = 64
-    llm_layers: int = 2
+    llm_layers: int = 3  # > len(deepstack_visual_indexes): the last deepstack tap must feed a later layer
     llm_heads: int = 4
     llm_kv_heads: int = 2
     llm_mlp: int = 128
