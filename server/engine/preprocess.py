@@ -32,6 +32,7 @@ class Preprocessor:
 
     def __init__(self, frozen) -> None:
         self.processor = frozen.processor
+        self.family = frozen.family
         text_config = frozen.model.config.text_config
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         eos = frozen.model.generation_config.eos_token_id
@@ -52,10 +53,11 @@ class Preprocessor:
         )
         if request.images:
             encoded = self.processor(images=request.images, text=text, return_tensors="pt")
-            pixel_values = encoded["pixel_values"]  # [n_images, 3, H, W]
+            pixel_values = encoded["pixel_values"]  # the family's layout (LLaVA [n_images, 3, H, W])
+            images = self.family.split_images(encoded)  # one ImageInput per image
         else:
             encoded = self.processor.tokenizer(text, return_tensors="pt")
-            pixel_values = None
+            pixel_values, images = None, []
         input_ids = encoded["input_ids"][0]  # [T]
         prefix = None if entry is None else entry.prefix
         prefix_len = 0 if prefix is None else prefix.text_len
@@ -73,4 +75,5 @@ class Preprocessor:
             image_keys=[image_content_hash(img) for img in request.images],
             prefix=prefix,
             bundle_key="base" if entry is None else entry.content_hash,
+            images=images,
         )
