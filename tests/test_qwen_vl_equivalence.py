@@ -200,3 +200,27 @@ def test_processor_is_image_only_and_refuses_videos(qwen):
     assert type(processor).__mro__[1].__name__ in ("Qwen2_5_VLProcessor", "Qwen3VLProcessor")
     with pytest.raises(Exception):  # noqa: B017 (any refusal; the point is that no video path exists)
         processor(text=["<|video_pad|>"], videos=[torch.zeros(2, 3, 32, 32)], return_tensors="pt")
+
+
+@pytest.mark.parametrize("cuts", [[], [4], [6, 9], [1, 2, 3, 25]])
+def test_chunked_prefill_equals_one_shot(qwen, cuts):
+    """Chunks may split an image's placeholders; positions, deepstack and the bundle prefix carry across."""
+    _, frozen = qwen
+    family, model = frozen.family, frozen.model
+    prefix = family.compute_prefix(model, strong_prompts(frozen, 3, 2, True, seed=5))
+    ids, images, _ = make_row(frozen, "what is this digit ?", TWO_IMAGES, seed=8)
+    with torch.inference_mode():
+        feats = torch.cat(family.encode_images(model, images, [prefix] * len(images)))
+        row = RowInput(ids, feats, prefix, tuple(images))
+        want, want_state = family.prefill(model, [row])
+        bounds = [0, *cuts, int(ids.shape[0])]
+        state = None
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            got, state = family.prefill_chunk(model, row, start, end, state)
+        assert torch.equal(state.positions, want_state.positions)
+        steps_got, steps_want = [got[0]], [want[0]]
+        for _ in range(3):
+            steps_got.append(family.decode_step(model, state, steps_got[-1].argmax()[None])[0])
+            steps_want.append(family.decode_step(model, want_state, steps_want[-1].argmax()[None])[0])
+    diff = (torch.stack(steps_got) - torch.stack(steps_want)).abs().max()
+    assert diff <= ATOL, diff

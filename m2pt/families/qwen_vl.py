@@ -164,6 +164,14 @@ class QwenVLFamily(ModelFamily):
 
         return decode_step(model, state, tokens)
 
+    def prefill_chunk(
+        self, model: Any, row: RowInput, start: int, end: int, state: DecodeState | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """Chunked prefill of one row (the engine's `ModelOps.prefill_chunk`); any chunking == `prefill`."""
+        from m2pt.families.qwen_vl_chunk import prefill_chunk
+
+        return prefill_chunk(model, row, start, end, state)
+
     def load_processor(self, name_or_path: str) -> Any:
         from m2pt.families.qwen_vl_processor import load_processor
 
