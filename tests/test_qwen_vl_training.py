@@ -48,8 +48,17 @@ def digits(frozen, n):
 
 
 def test_examples_are_tokenised_as_serving_tokenises_them(qwen):
-    example = digits(qwen, 1).examples[0]
+    from training.builtin import builtin_records
+    from training.data import encode_record, to_messages
+
+    record = builtin_records("digits", qwen.spec.image_size, 1, 0, evaluation=False)[0]
+    example = encode_record(record, qwen.processor, qwen.family.split_images)
     (image,) = example.images
+    messages = to_messages(record.turns)[:1]  # the user turn, as the server renders a request
+    text = qwen.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    served = qwen.processor(images=[record.image], text=[text], return_tensors="pt")
+    assert torch.equal(example.input_ids[: example.prompt_len], served["input_ids"][0])
+    assert torch.equal(image.pixel_values, served["pixel_values"])
     assert image.pixel_values.ndim == 2 and image.extras["image_grid_thw"].shape == (3,)
     prompt = example.input_ids[: example.prompt_len]
     image_tokens = int((prompt == qwen.model.config.image_token_id).sum())

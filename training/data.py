@@ -105,7 +105,9 @@ def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, 
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = []
     for k in range(1, len(messages), 2):
-        before = processor.apply_chat_template(messages[:k], tokenize=False)
+        # the prompt as serving renders it (with the generation prompt: Qwen's "<|im_start|>assistant\n"), so an
+        # assistant header the template emits is part of the prompt, never a label
+        before = processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
         upto = processor.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise DataError(
