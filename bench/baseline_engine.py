@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from m2pt.forward import encode_images
 from m2pt.prefix import compute_prefix
 from server.engine.preprocess import Preprocessor
 from server.engine.types import GenerationRequest, StreamEvent
@@ -68,12 +67,13 @@ class HFGenerateBatch1Engine:
             row = self._pre.prepare(request, None)
             ids = row.input_ids[None]  # [1, T]
             embeds = model.model.get_input_embeddings()(ids)  # [1, T, D]
-            if row.pixel_values is not None:
-                feats = encode_images(
-                    model, row.pixel_values, [prefix] * row.pixel_values.shape[0]
-                )  # [n, N, D]
+            images = row.image_inputs()
+            if images:
+                feats = torch.cat(
+                    self.frozen.family.encode_images(model, images, [prefix] * len(images))
+                )  # [sum N_i, D]
                 slots = (ids == self.spec.image_token_id)[..., None].expand_as(embeds)
-                embeds = embeds.masked_scatter(slots, feats.reshape(-1, feats.shape[-1]))
+                embeds = embeds.masked_scatter(slots, feats)
             lt = 0 if prefix is None else prefix.text_len
             cache = DynamicCache(config=model.config)
             if lt:

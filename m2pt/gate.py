@@ -1,6 +1,8 @@
-"""The last step of the startup gate: one real prefill through the family's own forward before a model is used.
+"""The last step of the startup gate: one real prefill through the family's own forward before a model is
+used.
 
-A checkpoint can pass the config and weight checks and still fail at its first request (a processor that does not
+A checkpoint can pass the config and weight checks and still fail at its first request (a processor that does
+not
 match the model, a placeholder count the tower does not produce). `smoke_prefill` runs a blank image and the
 family's smoke text through processor -> `split_images` -> `encode_images` -> `prefill` and checks the logits,
 so such a model fails at startup with a message instead of at the first user request.
@@ -29,7 +31,8 @@ def blank_image(size: int) -> Any:
 
 
 def smoke_prefill(frozen: Any) -> None:
-    """Raise `SmokeTestError` unless a blank-image prefill gives finite `[1, vocab]` logits (a `FrozenLlava`)."""
+    """Raise `SmokeTestError` unless a blank-image prefill gives finite `[1, vocab]` logits (a
+    `FrozenLlava`)."""
     from m2pt.forward import RowInput
 
     family, model, spec = frozen.family, frozen.model, frozen.spec

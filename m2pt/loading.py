@@ -1,14 +1,19 @@
-"""Load a Hugging Face checkpoint frozen, on a chosen device and dtype, through the startup gate, and describe it
+"""Load a Hugging Face checkpoint frozen, on a chosen device and dtype, through the startup gate, and
+describe it
 as a `ModelSpec`.
 
-The gate (`load_frozen_llava`), in order, each step refusing with `UnsupportedModelError` and a message that says
+The gate (`load_frozen_llava`), in order, each step refusing with `UnsupportedModelError` and a message that
+says
 what is supported:
-1. read the config only and pick the family (`m2pt.families.registry.family_for_config`): unknown architectures,
+1. read the config only and pick the family (`m2pt.families.registry.family_for_config`): unknown
+architectures,
    towers and LLMs are refused before any weight is read;
-2. load the weights with loading info and refuse missing, unexpected or mismatched keys (a randomly initialised
+2. load the weights with loading info and refuse missing, unexpected or mismatched keys (a randomly
+initialised
    projector must never be served);
 3. check the module shapes the prompt math relies on (`family.check_modules`);
-4. run a one-row smoke prefill with a blank image through the family's own forward (`m2pt.gate.smoke_prefill`).
+4. run a one-row smoke prefill with a blank image through the family's own forward
+(`m2pt.gate.smoke_prefill`).
 Loading is the only place that touches the hub or disk; nothing here runs at import time.
 """
 
@@ -23,7 +28,7 @@ from torch import nn
 
 from m2pt.families.base import ModelFamily, UnsupportedModelError
 from m2pt.families.llava import LLAVA
-from m2pt.families.registry import family_for_config, family_of
+from m2pt.families.registry import family_for_config, family_of, supported_summary
 from m2pt.spec import ModelSpec
 
 __all__ = [
@@ -40,7 +45,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU. An explicit `cuda` without a GPU raises with a clear message."""
+    """`auto` picks CUDA when present, else CPU. An explicit `cuda` without a GPU raises with a clear
+    message."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -90,7 +96,15 @@ def gate_config(name_or_path: str) -> tuple[Any, ModelFamily]:
     """Step 1 of the gate: the checkpoint's config and its family, or `UnsupportedModelError`."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (
+        KeyError,
+        ValueError,
+    ) as exc:  # an unknown model_type or an unreadable config (OSError: no such path)
+        raise UnsupportedModelError(
+            f"{name_or_path}: not a model config transformers can read ({exc}); {supported_summary()}"
+        ) from exc
     return config, family_for_config(config, str(name_or_path))
 
 
@@ -131,10 +145,11 @@ def load_frozen_llava(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     log.info("loading %s (%s family) on %s as %s", model_id, family.name, dev, dt)
-    model, info = family.model_class().from_pretrained(
+    loaded: Any = family.model_class().from_pretrained(
         name_or_path, config=config, dtype=dt, attn_implementation="sdpa", output_loading_info=True
     )
-    check_loading_info(info, model_id)
+    model: nn.Module = loaded[0]
+    check_loading_info(loaded[1], model_id)  # {"missing_keys": ..., "unexpected_keys": ..., ...}
     family.check_modules(model, model_id)
     model = freeze(model.to(dev))
     processor = family.load_processor(name_or_path)

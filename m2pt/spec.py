@@ -32,13 +32,22 @@ class ModelSpec:
     image_token_id: int
     image_size: int
     patch_size: int
-    num_image_tokens: int
+    num_image_tokens: int  # per image (any-res families: per tile, before packing; images vary)
     projector_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    family: str = "llava"  # the `ModelFamily.name` that reads bundles for this base
+    extras: dict[str, Any] = field(default_factory=dict)  # family-specific compatibility facts (JSON values)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The config fields that decide bundle compatibility (everything except the display name)."""
+        """The config fields that decide bundle compatibility (everything except the display name).
+
+        `family` and `extras` enter only when they differ from their defaults, so the fingerprint of a plain
+        LLaVA base is the one it had before families existed (bundles made then still load)."""
         fields = asdict(self)
         fields.pop("model_id")
+        if fields["family"] == "llava":
+            fields.pop("family")
+        if not fields["extras"]:
+            fields.pop("extras")
         fields["projector_shapes"] = {k: list(v) for k, v in sorted(self.projector_shapes.items())}
         return fields
 

@@ -108,8 +108,14 @@ def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
         settings.check_paths()
         from server.engine.engine import Engine
 
+        from m2pt.families.base import UnsupportedModelError
+
         log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
-        engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        try:  # the startup gate (m2pt.loading): config, weights, module shapes, smoke prefill; before /ready
+            engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        except UnsupportedModelError as exc:
+            log.error("m2pt serve: refusing to serve this model: %s", exc)
+            raise
         await engine.start()
         app.state.engine = engine
         log.info("serving %s on %s:%d", engine.base_model_id, settings.host, settings.port)

@@ -26,27 +26,44 @@ def make_row_tokens(tiny, words, seed):
 
 
 # ---------------------------------------------------------------- reference: the official overwrite semantics
-def reference_logits(tiny, ids, pixels, prompts: PromptTensors | None):
-    """Plain forward with prompt rows inserted and overwritten at every layer's input (batch of one)."""
+def reference_features(tiny, pixels, prompts: PromptTensors | None):
+    """Projected image features [n, N, D] of images/tiles `pixels` [n, 3, H, W] with the visual prompt rows
+    inserted and overwritten at every ViT layer's input.
+
+    Runs EVERY ViT layer, also those past the deepest `vision_feature_layer` (which the core skips); those get a
+    random prompt row, since a bundle carries none for them and nothing may depend on them."""
     model = tiny.model
     prompts = prompts or PromptTensors()
     tower = model.model.vision_tower
-    lv, lt = prompts.visual_len, prompts.text_len
-    h = tower.pre_layrnorm(tower.embeddings(pixels[None]))  # [1, 1+N, Dv]
+    lv, n = prompts.visual_len, pixels.shape[0]
+    h = tower.embeddings(pixels)  # [n, (1+)N, Dv]
+    if hasattr(tower, "pre_layrnorm"):  # CLIP; SigLIP has no pre-norm
+        h = tower.pre_layrnorm(h)
+    visual = prompts.visual
+    if lv and visual.shape[0] < len(tower.encoder.layers):
+        junk = torch.randn(len(tower.encoder.layers) - visual.shape[0], lv, visual.shape[-1]) * 40
+        visual = torch.cat([visual, junk])
     if lv:
-        h = torch.cat([prompts.visual[0][None], h], dim=1)
+        h = torch.cat([visual[0][None].expand(n, -1, -1), h], dim=1)
     states = [h[:, lv:]]
     for i, layer in enumerate(tower.encoder.layers):
         if lv:
-            h = torch.cat([prompts.visual[i][None], h[:, lv:]], dim=1)
+            h = torch.cat([visual[i][None].expand(n, -1, -1), h[:, lv:]], dim=1)
         h = layer(h, None)
         states.append(h[:, lv:])
     feats = select_image_features(model, states)
     proj = model.model.multi_modal_projector
     if prompts.projector is not None:
-        feats = torch.func.functional_call(proj, prompts.projector, (feats,))
-    else:
-        feats = proj(feats)
+        return torch.func.functional_call(proj, prompts.projector, (feats,))
+    return proj(feats)
+
+
+def reference_lm_logits(tiny, ids, feats, prompts: PromptTensors | None):
+    """LLM logits [T, V] of one row `ids` [T] whose placeholders take `feats` [n_tokens, D], with the textual
+    prompt rows inserted and overwritten at every LLM layer's input."""
+    model = tiny.model
+    prompts = prompts or PromptTensors()
+    lt = prompts.text_len
     embeds = model.model.get_input_embeddings()(ids[None])
     slots = (ids[None] == tiny.spec.image_token_id)[..., None].expand_as(embeds)
     embeds = embeds.masked_scatter(slots, feats)
@@ -73,6 +90,12 @@ def reference_logits(tiny, ids, pixels, prompts: PromptTensors | None):
         for hook in hooks:
             hook.remove()
     return model.lm_head(out.last_hidden_state[:, lt:])[0]  # [T, V]
+
+
+def reference_logits(tiny, ids, pixels, prompts: PromptTensors | None):
+    """Plain forward with prompt rows inserted and overwritten at every layer's input (one row, one image)."""
+    feats = reference_features(tiny, pixels[None], prompts)  # [1, N, D]
+    return reference_lm_logits(tiny, ids, feats[0], prompts)
 
 
 def ours_logits(tiny, ids, pixels, prompts):

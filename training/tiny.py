@@ -1,8 +1,13 @@
-"""Build small, real LLaVA checkpoints from configs: a word-level tokenizer trained locally, a CLIP vision tower,
-a Llama LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
+"""Build small, real LLaVA checkpoints from configs: a word-level tokenizer trained locally, a vision tower,
+an LLM, a processor with a chat template, all written with `save_pretrained` so that `AutoProcessor` and
 `LlavaForConditionalGeneration.from_pretrained` load them offline.
 
-Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a larger size.
+Families (`TinyLlavaConfig.family`): `llava` (CLIP + Llama, LLaVA-1.5's shape) and `llava-siglip-qwen2`
+(`llava-hf/llava-interleave-qwen-0.5b-hf`'s shape: SigLIP tower without head, strategy `full`, layer -1,
+Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6). Only widths and depths are cut.
+
+Tests build one in about a second; the demo base model (training/demo_base.py) uses the same builder at a
+larger size.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 
-# User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list of parts
-# ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template passes them.
+# User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list
+# of parts ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template
+# passes them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}user : "
@@ -34,6 +40,26 @@ CHAT_TEMPLATE = (
 )
 
 BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
+FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral")
+# llava-v1.6-mistral-7b's pinpoints (multiples of its 336 px tile) scaled to a tile of `image_size`
+NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def interleave_cfg(**overrides) -> TinyLlavaConfig:
+    """A tiny `llava-interleave-qwen`-shaped config (SigLIP + Qwen2, strategy full, layer -1)."""
+    base = dict(
+        family="llava-siglip-qwen2", select_strategy="full", patch_size=4, vit_layers=3, text_init_std=0.2
+    )
+    return TinyLlavaConfig(**{**base, **overrides})
+
+
+def next_cfg(**overrides) -> TinyLlavaConfig:
+    """A tiny `llava-v1.6-mistral`-shaped config (any-res CLIP tiles + image_newline, layer -2, Mistral
+    GQA)."""
+    base = dict(
+        family="llava-next-mistral", patch_size=4, vit_layers=3, vision_feature_layer=-2, text_init_std=0.2
+    )
+    return TinyLlavaConfig(**{**base, **overrides})
 
 
 @dataclass
@@ -60,6 +86,20 @@ class TinyLlavaConfig:
     select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
     max_positions: int = 512
     seed: int = 0
+    vision_feature_layer: int | list[int] = -1
+    family: str = "llava"  # see FAMILIES
+    text_init_std: float | None = None  # LLM init std (None: the config default); larger gives varied outputs
+
+    @property
+    def siglip(self) -> bool:
+        return self.family == "llava-siglip-qwen2"
+
+    @property
+    def anyres(self) -> bool:
+        return self.family == "llava-next-mistral"
+
+    def pinpoints(self) -> list[list[int]]:
+        return [[h * self.image_size, w * self.image_size] for h, w in NEXT_PINPOINTS]
 
     def vocabulary(self) -> list[str]:
         seen = dict.fromkeys(SPECIAL_TOKENS + BASE_WORDS + [w.lower() for w in self.words])
@@ -90,36 +130,57 @@ def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
     )
 
 
-def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+def build_image_processor(cfg: TinyLlavaConfig):
+    """CLIP: resize the short edge + centre crop, CLIP mean/std. SigLIP: resize to a square, mean/std 0.5."""
+    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, SiglipImageProcessorPil
 
-    image_processor = CLIPImageProcessorPil(
+    if cfg.anyres:
+        return LlavaNextImageProcessorPil(
+            size={"shortest_edge": cfg.image_size},
+            crop_size={"height": cfg.image_size, "width": cfg.image_size},
+            image_grid_pinpoints=cfg.pinpoints(),
+        )
+    if cfg.siglip:
+        return SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
+    return CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
     )
-    return LlavaProcessor(
-        image_processor=image_processor,
+
+
+def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor / LlavaNextProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    return (LlavaNextProcessor if cfg.anyres else LlavaProcessor)(
+        image_processor=build_image_processor(cfg),
         tokenizer=tokenizer,
         patch_size=cfg.patch_size,
         vision_feature_select_strategy=cfg.select_strategy,
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=0 if cfg.siglip else 1,  # the CLS token (SigLIP has none)
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def build_vision_config(cfg: TinyLlavaConfig):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    vision = CLIPVisionConfig(
+    sizes = dict(
         hidden_size=cfg.vit_dim,
         intermediate_size=cfg.vit_mlp,
         num_hidden_layers=cfg.vit_layers,
         num_attention_heads=cfg.vit_heads,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
-        projection_dim=cfg.vit_dim,
     )
-    text = LlamaConfig(
+    if cfg.siglip:  # llava-interleave: siglip-so400m without the pooling head
+        return SiglipVisionConfig(**sizes, vision_use_head=False, hidden_act="gelu_pytorch_tanh")
+    return CLIPVisionConfig(**sizes, projection_dim=cfg.vit_dim)
+
+
+def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
         hidden_size=cfg.llm_dim,
         intermediate_size=cfg.llm_mlp,
         num_hidden_layers=cfg.llm_layers,
@@ -130,21 +191,57 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-        head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
     )
+    if cfg.text_init_std is not None:
+        common["initializer_range"] = cfg.text_init_std
+    if cfg.siglip:  # Qwen2-0.5B: qkv bias (built in), tied embeddings, rope theta 1e6
+        return Qwen2Config(
+            **common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
+        )
+    if cfg.anyres:  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
+        return MistralConfig(
+            **common,
+            tie_word_embeddings=False,
+            sliding_window=None,
+            head_dim=cfg.llm_dim // cfg.llm_heads,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
+    return LlamaConfig(
+        **common, tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads
+    )
+
+
+def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration (or NeXT)
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {cfg.family!r}; choose one of {', '.join(FAMILIES)}")
     patches = (cfg.image_size // cfg.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+    has_cls = not cfg.siglip
+    config_class, model_class = (
+        (LlavaNextConfig, LlavaNextForConditionalGeneration)
+        if cfg.anyres
+        else (LlavaConfig, LlavaForConditionalGeneration)
+    )
+    extra = {"image_grid_pinpoints": cfg.pinpoints()} if cfg.anyres else {}
+    config = config_class(
+        **extra,
+        vision_config=build_vision_config(cfg),
+        text_config=build_text_config(cfg, vocab_size),
         image_token_index=IMAGE_ID,
-        image_seq_length=patches + (0 if cfg.select_strategy == "default" else 1),
+        image_seq_length=patches + int(has_cls) - int(cfg.select_strategy == "default"),
         vision_feature_select_strategy=cfg.select_strategy,
-        vision_feature_layer=-1,
+        vision_feature_layer=cfg.vision_feature_layer,
         projector_hidden_act="gelu",
+        tie_word_embeddings=cfg.siglip,
     )
     torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
     return model.eval()

@@ -1,5 +1,7 @@
-"""Per-family adapters: one implementation of the prompt math per model family, shared by training and serving.
+"""Per-family adapters: one implementation of the prompt math per model family, shared by training and
+serving.
 
-`base.ModelFamily` is the interface; `registry` maps HF architecture names to families and is the startup gate's
+`base.ModelFamily` is the interface; `registry` maps HF architecture names to families and is the startup
+gate's
 list of what is supported. See /work/wt/_notes/families.md (and docs) for the contract.
 """

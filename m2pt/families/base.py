@@ -1,21 +1,26 @@
 """The per-family adapter interface.
 
-A *family* is one way of wiring a vision tower, a projector and an LLM (plain LLaVA, LLaVA-NeXT, Qwen2.5-VL, ...).
+A *family* is one way of wiring a vision tower, a projector and an LLM (plain LLaVA, LLaVA-NeXT, Qwen2.5-VL,
+...).
 Everything the core does that depends on that wiring goes through a `ModelFamily`:
 
 1. before weights load: `check_config` refuses configs the family cannot serve (the startup gate);
-2. loading: `model_class` is the HF class; `check_modules` verifies the module shapes the prompt math relies on;
+2. loading: `model_class` is the HF class; `check_modules` verifies the module shapes the prompt math relies
+on;
    `prepare` installs what the forward needs (e.g. prefix-aware attention);
-3. bundles: `spec_from_model` describes the base (`ModelSpec`, whose fingerprint decides bundle compatibility);
+3. bundles: `spec_from_model` describes the base (`ModelSpec`, whose fingerprint decides bundle
+compatibility);
    `projector` is the module whose `state_dict()` a bundle may replace; `compute_prefix` turns `PromptTensors`
    into the per-layer K/V the forward consumes (differentiable);
-4. images: `split_images` cuts a processor's output into one `ImageInput` per image (so features can be cached per
+4. images: `split_images` cuts a processor's output into one `ImageInput` per image (so features can be
+cached per
    image); `encode_images` runs the tower under each image's bundle and returns each image's projected
    features `[N_i, D]` (N_i may differ per image);
 5. text: `prefill` / `decode_step` run a batch of `RowInput`s whose rows each carry their own bundle or none.
 
 Families hold no per-model state (a model's state lives on the model); one instance serves every model of the
-family. Contract of every family: a row without a bundle computes what the unmodified HF model computes; rows of
+family. Contract of every family: a row without a bundle computes what the unmodified HF model computes; rows
+of
 a mixed batch compute what each computes alone; prompts and projector are the only things gradients reach.
 """
 
@@ -29,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from m2pt.forward import DecodeState, RowInput
     from m2pt.prefix import BundlePrefix
     from m2pt.prompts import PromptTensors
@@ -44,7 +51,8 @@ class ImageInput:
     """One image as the family's processor prepared it.
 
     `pixel_values` is in the family's own layout: LLaVA `[3, H, W]`; any-res families `[tiles, 3, H, W]`;
-    patch-packing families (Qwen-VL) `[patches, C*t*p*p]`. `extras` holds the per-image tensors the family needs
+    patch-packing families (Qwen-VL) `[patches, C*t*p*p]`. `extras` holds the per-image tensors the family
+    needs
     besides pixels (e.g. `image_sizes` `[2]`, `image_grid_thw` `[3]`), keyed by the processor's own names.
     """
 
@@ -59,7 +67,7 @@ class ModelFamily(ABC):
     architectures: tuple[str, ...] = ()  # HF `config.architectures` names this family serves
 
     @abstractmethod
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type[PreTrainedModel]:
         """The HF class to load the checkpoint with (imported lazily)."""
 
     @abstractmethod
@@ -68,7 +76,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def check_modules(self, model: nn.Module, model_id: str) -> None:
-        """Raise `UnsupportedModelError` unless the loaded modules have the shapes the prompt math relies on."""
+        """Raise `UnsupportedModelError` unless the loaded modules have the shapes the prompt math relies
+        on."""
 
     def prepare(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)
         """Install what the forward needs on a freshly loaded, frozen model (idempotent). Default: nothing."""
@@ -79,7 +88,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def projector(self, model: nn.Module) -> nn.Module:
-        """The module a bundle's projector tensors replace (`state_dict()` keys = bundle `projector.*` names)."""
+        """The module a bundle's projector tensors replace (`state_dict()` keys = bundle `projector.*`
+        names)."""
 
     @abstractmethod
     def compute_prefix(self, model: nn.Module, prompts: PromptTensors) -> BundlePrefix:
@@ -99,7 +109,8 @@ class ModelFamily(ABC):
     def prefill(
         self, model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False
     ) -> tuple[Tensor, DecodeState]:
-        """Run every row's prompt; logits `[B, V]` (or `[B, T, V]` left-padded) and the state to decode from."""
+        """Run every row's prompt; logits `[B, V]` (or `[B, T, V]` left-padded) and the state to decode
+        from."""
 
     @abstractmethod
     def decode_step(self, model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ adapter wires them to the `ModelFamily` interface and states what it accepts:
 - towers: CLIP (`clip_vision_model`: CLS token + `pre_layrnorm`) and SigLIP (`siglip_vision_model`: no CLS, no
   pre-norm; `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads);
 - LLMs: the decoder types the equivalence suite ran on (`SUPPORTED_TEXT_MODELS`);
-- `vision_feature_layer` an int or a list, `vision_feature_select_strategy` `default` (drop the first token, as
+- `vision_feature_layer` an int or a list, `vision_feature_select_strategy` `default` (drop the first token,
+as
   HF does whatever the tower) or `full`.
 """
 
@@ -13,12 +14,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from m2pt import hf
 from m2pt.families.base import ImageInput, ModelFamily, UnsupportedModelError
 from m2pt.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from m2pt.forward import DecodeState, RowInput
+    from m2pt.prefix import BundlePrefix
+    from m2pt.prompts import PromptTensors
 
 # tower model_type -> (HF class name, whether its embeddings prepend a CLS token)
 SUPPORTED_TOWERS: dict[str, tuple[str, bool]] = {
@@ -63,72 +72,87 @@ def check_llava_config(config: Any, model_id: str) -> None:
     )
 
 
-def _check_attention(attn: nn.Module, heads: int, head_dim: int, model_id: str, where: str) -> None:
+def _check_attention(attn: nn.Module, heads: int, model_id: str, where: str) -> None:
+    head_dim = hf.int_attr(attn, "head_dim")
     for name in ("k_proj", "v_proj"):
-        proj = getattr(attn, name, None)
-        _require(isinstance(proj, nn.Linear), model_id, f"{where}.self_attn has no {name} linear layer")
+        _require(hf.has_part(attn, name), model_id, f"{where}.self_attn has no {name}")
+        proj = hf.part(attn, name)
+        _require(isinstance(proj, nn.Linear), model_id, f"{where}.self_attn.{name} is not a linear layer")
+        out_features = int(getattr(proj, "out_features", -1))
         _require(
-            proj.out_features == heads * head_dim,
+            out_features == heads * head_dim,
             model_id,
-            f"{where}.self_attn.{name} gives {proj.out_features} features, expected {heads} heads x {head_dim}",
+            f"{where}.self_attn.{name} gives {out_features} features, expected {heads} heads x {head_dim}",
         )
+
+
+def _check_tower(model: nn.Module, model_id: str) -> None:
+    cfg = hf.config(model)
+    tower = hf.part(model, "model.vision_tower")
+    want_class = SUPPORTED_TOWERS[cfg.vision_config.model_type][0]
+    _require(type(tower).__name__ == want_class, model_id, f"vision tower is {type(tower).__name__}")
+    _require(hf.has_part(tower, "encoder.layers"), model_id, "the vision tower has no encoder.layers")
+    layers = hf.layers(tower, "encoder.layers")
+    _require(len(layers) == int(cfg.vision_config.num_hidden_layers), model_id, "ViT layer count != config")
+    for i, layer in enumerate(layers):
+        _require(hf.has_part(layer, "layer_norm1"), model_id, f"ViT layer {i} has no layer_norm1")
+        attn = hf.part(layer, "self_attn")
+        _check_attention(attn, int(cfg.vision_config.num_attention_heads), model_id, f"ViT layer {i}")
+
+
+def _check_llm(model: nn.Module, model_id: str) -> None:
+    tcfg = hf.config(model).text_config
+    _require(
+        hf.has_part(model, "model.language_model.rotary_emb")
+        and hf.has_part(model, "model.language_model.layers"),
+        model_id,
+        "the LLM has no rotary_emb/layers",
+    )
+    kv_heads = int(getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads)
+    for i, layer in enumerate(hf.layers(model, "model.language_model.layers")):
+        _require(hf.has_part(layer, "input_layernorm"), model_id, f"LLM layer {i} has no input_layernorm")
+        attn = hf.part(layer, "self_attn")
+        _check_attention(attn, kv_heads, model_id, f"LLM layer {i}")
+        rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        _require(callable(rotary), model_id, f"LLM layer {i}'s attention module has no apply_rotary_pos_emb")
 
 
 def check_llava_modules(model: nn.Module, model_id: str) -> None:
     """The modules `m2pt.prefix` and `m2pt.forward` read, with the shapes they assume."""
-    cfg = model.config
-    inner = model.model
-    tower = inner.vision_tower
-    want_class = SUPPORTED_TOWERS[cfg.vision_config.model_type][0]
-    _require(type(tower).__name__ == want_class, model_id, f"vision tower is {type(tower).__name__}")
-    layers = getattr(getattr(tower, "encoder", None), "layers", None)
-    _require(layers is not None, model_id, "the vision tower has no encoder.layers")
-    _require(len(layers) == cfg.vision_config.num_hidden_layers, model_id, "ViT layer count != config")
-    vit_heads = cfg.vision_config.num_attention_heads
-    for i, layer in enumerate(layers):
-        _require(hasattr(layer, "layer_norm1"), model_id, f"ViT layer {i} has no layer_norm1")
-        _check_attention(layer.self_attn, vit_heads, layer.self_attn.head_dim, model_id, f"ViT layer {i}")
-    lm = inner.language_model
-    tcfg = cfg.text_config
-    _require(
-        hasattr(lm, "rotary_emb") and hasattr(lm, "layers"), model_id, "the LLM has no rotary_emb/layers"
-    )
-    kv_heads = getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads
-    for i, layer in enumerate(lm.layers):
-        _require(hasattr(layer, "input_layernorm"), model_id, f"LLM layer {i} has no input_layernorm")
-        attn = layer.self_attn
-        _check_attention(attn, kv_heads, attn.head_dim, model_id, f"LLM layer {i}")
-        rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-        _require(callable(rotary), model_id, f"LLM layer {i}'s attention module has no apply_rotary_pos_emb")
-    _require(hasattr(inner, "multi_modal_projector"), model_id, "no multi_modal_projector")
+    _check_tower(model, model_id)
+    _check_llm(model, model_id)
+    _require(hf.has_part(model, "model.multi_modal_projector"), model_id, "no multi_modal_projector")
 
 
 def llava_spec(model: nn.Module, model_id: str) -> ModelSpec:
-    """`ModelSpec` of a plain LLaVA. `vit_layers` counts the ViT layers that run (and carry visual prompts): up
-    to the deepest `vision_feature_layer`. Image tokens: patches, + CLS for CLIP, - 1 for strategy `default`."""
+    """`ModelSpec` of a plain LLaVA. `vit_layers` counts the ViT layers that run (and carry visual prompts):
+    up to the deepest `vision_feature_layer`. Image tokens: patches, + CLS for CLIP, - 1 for strategy
+    `default`."""
     from m2pt.forward import vision_layers_used
 
-    cfg = model.config
+    cfg = hf.config(model)
     vcfg, tcfg = cfg.vision_config, cfg.text_config
-    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    heads = int(tcfg.num_attention_heads)
+    head_dim = int(getattr(tcfg, "head_dim", None) or int(tcfg.hidden_size) // heads)
     has_cls = SUPPORTED_TOWERS.get(vcfg.model_type, ("", True))[1]
-    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    image_size, patch_size = int(vcfg.image_size), int(vcfg.patch_size)
+    patches = (image_size // patch_size) ** 2
     num_image_tokens = patches + int(has_cls) - int(cfg.vision_feature_select_strategy == "default")
-    proj = model.model.multi_modal_projector.state_dict()
+    proj = hf.part(model, "model.multi_modal_projector").state_dict()
     return ModelSpec(
         model_id=model_id,
         vit_layers=vision_layers_used(cfg),
-        vit_dim=vcfg.hidden_size,
-        vit_heads=vcfg.num_attention_heads,
-        llm_layers=tcfg.num_hidden_layers,
-        llm_dim=tcfg.hidden_size,
-        llm_heads=tcfg.num_attention_heads,
-        llm_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
+        vit_dim=int(vcfg.hidden_size),
+        vit_heads=int(vcfg.num_attention_heads),
+        llm_layers=int(tcfg.num_hidden_layers),
+        llm_dim=int(tcfg.hidden_size),
+        llm_heads=heads,
+        llm_kv_heads=int(getattr(tcfg, "num_key_value_heads", None) or heads),
         llm_head_dim=head_dim,
-        vocab_size=tcfg.vocab_size,
-        image_token_id=cfg.image_token_id,
-        image_size=vcfg.image_size,
-        patch_size=vcfg.patch_size,
+        vocab_size=int(tcfg.vocab_size),
+        image_token_id=int(cfg.image_token_id),
+        image_size=image_size,
+        patch_size=patch_size,
         num_image_tokens=num_image_tokens,
         projector_shapes={k: tuple(v.shape) for k, v in proj.items()},
     )
@@ -140,7 +164,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
 
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type[PreTrainedModel]:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration
@@ -160,9 +184,9 @@ class LlavaFamily(ModelFamily):
         return llava_spec(model, model_id)
 
     def projector(self, model: nn.Module) -> nn.Module:
-        return model.model.multi_modal_projector
+        return hf.part(model, "model.multi_modal_projector")
 
-    def compute_prefix(self, model, prompts):
+    def compute_prefix(self, model: nn.Module, prompts: PromptTensors) -> BundlePrefix:
         from m2pt.prefix import compute_prefix
 
         return compute_prefix(model, prompts)
@@ -170,7 +194,9 @@ class LlavaFamily(ModelFamily):
     def split_images(self, encoded: Mapping[str, Any]) -> list[ImageInput]:
         return [ImageInput(px) for px in encoded["pixel_values"]]  # each [3, H, W]
 
-    def encode_images(self, model: nn.Module, images: Sequence[ImageInput], prefixes) -> list[Tensor]:
+    def encode_images(
+        self, model: nn.Module, images: Sequence[ImageInput], prefixes: Sequence[BundlePrefix | None]
+    ) -> list[Tensor]:
         import torch
 
         from m2pt.forward import encode_images
@@ -181,12 +207,14 @@ class LlavaFamily(ModelFamily):
         pixels = torch.stack([im.pixel_values for im in images]).to(device)  # [M, 3, H, W]
         return list(encode_images(model, pixels, prefixes))  # M x [N, D]
 
-    def prefill(self, model, rows, all_logits=False):
+    def prefill(
+        self, model: nn.Module, rows: Sequence[RowInput], all_logits: bool = False
+    ) -> tuple[Tensor, DecodeState]:
         from m2pt.forward import prefill
 
         return prefill(model, rows, all_logits=all_logits)
 
-    def decode_step(self, model, state, tokens):
+    def decode_step(self, model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
         from m2pt.forward import decode_step
 
         return decode_step(model, state, tokens)

@@ -12,7 +12,7 @@ without torchvision (`qwen_vl_processor`). Videos are not supported.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from m2pt.forward import DecodeState, RowInput
 from m2pt.prefix import BundlePrefix, text_layer_kv
 from m2pt.prompts import PromptTensors
 from m2pt.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 GRID_KEY = "image_grid_thw"
 
@@ -51,10 +54,10 @@ class QwenVLFamily(ModelFamily):
         self.architectures = (architecture,)
         self.model_type = model_type
 
-    def model_class(self) -> type[nn.Module]:
+    def model_class(self) -> type[PreTrainedModel]:
         import transformers
 
-        cls: type[nn.Module] = getattr(transformers, self.architectures[0])
+        cls: type[PreTrainedModel] = getattr(transformers, self.architectures[0])
         return cls
 
     def check_config(self, config: Any, model_id: str) -> None:
@@ -101,7 +104,26 @@ class QwenVLFamily(ModelFamily):
             patch_size=vcfg.patch_size,
             num_image_tokens=0,
             projector_shapes={k: tuple(v.shape) for k, v in projector_state(model).items()},
+            family=self.name,
+            extras=self.spec_extras(cfg),
         )
+
+    def spec_extras(self, config: Any) -> dict[str, Any]:
+        """Facts that change what a bundle's prompts mean: which blocks window, where deepstack taps, M-RoPE."""
+        vcfg, tcfg = config.vision_config, config.text_config
+        rope = dict(getattr(tcfg, "rope_parameters", None) or {})
+        extras: dict[str, Any] = {
+            "spatial_merge_size": int(vcfg.spatial_merge_size),
+            "temporal_patch_size": int(vcfg.temporal_patch_size),
+            "mrope_section": [int(x) for x in rope.get("mrope_section", [])],
+            "mrope_interleaved": bool(rope.get("mrope_interleaved", False)),
+        }
+        if self.model_type == "qwen2_5_vl":
+            extras["window_size"] = int(vcfg.window_size)
+            extras["fullatt_block_indexes"] = [int(i) for i in vcfg.fullatt_block_indexes]
+        else:
+            extras["deepstack_visual_indexes"] = [int(i) for i in vcfg.deepstack_visual_indexes]
+        return extras
 
     def projector(self, model: Any) -> nn.Module:
         return Projector(model.model.visual)

@@ -15,13 +15,13 @@ from m2pt.families.base import ModelFamily, UnsupportedModelError
 
 def _families() -> list[ModelFamily]:
     from m2pt.families.llava import LLAVA
+    from m2pt.families.llava_next import LLAVA_NEXT
     from m2pt.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 
-    return [LLAVA, QWEN2_5_VL, QWEN3_VL]
+    return [LLAVA, LLAVA_NEXT, QWEN2_5_VL, QWEN3_VL]
 
 
 KNOWN_UNSUPPORTED = {
-    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (any-res tiles, image_newline)",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision (any-res tiles, image_newline)",
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
     "Gemma3ForConditionalGeneration": "Gemma 3 (local/global RoPE, bidirectional image attention)",
@@ -56,7 +56,8 @@ def architecture_of(config: Any) -> str:
 
 
 def family_for_config(config: Any, model_id: str) -> ModelFamily:
-    """The family serving `config`, after its config checks; `UnsupportedModelError` (listing what is supported)
+    """The family serving `config`, after its config checks; `UnsupportedModelError` (listing what is
+    supported)
     for anything else. Reads nothing but the config."""
     arch = architecture_of(config)
     for family in families():

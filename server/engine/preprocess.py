@@ -53,11 +53,10 @@ class Preprocessor:
         )
         if request.images:
             encoded = self.processor(images=request.images, text=text, return_tensors="pt")
-            pixel_values = encoded["pixel_values"]  # the family's layout (LLaVA [n_images, 3, H, W])
-            images = self.family.split_images(encoded)  # one ImageInput per image
+            images = self.family.split_images(encoded)  # one ImageInput per image, the family's layout
         else:
             encoded = self.processor.tokenizer(text, return_tensors="pt")
-            pixel_values, images = None, []
+            images = []
         input_ids = encoded["input_ids"][0]  # [T]
         prefix = None if entry is None else entry.prefix
         prefix_len = 0 if prefix is None else prefix.text_len
@@ -71,9 +70,9 @@ class Preprocessor:
         return PreparedRow(
             request_id=request.request_id,
             input_ids=input_ids,
-            pixel_values=pixel_values,
+            pixel_values=None,
+            images=images,
             image_keys=[image_content_hash(img) for img in request.images],
             prefix=prefix,
             bundle_key="base" if entry is None else entry.content_hash,
-            images=images,
         )
