@@ -45,6 +45,7 @@ def live(request, tmp_path_factory):
         ops_token=SecretStr("ops-token-for-tests"),
         image_cache_size=0,
         max_batch_size=8,
+        max_images_per_request=2,
     )
     with LiveServer(create_app(settings)) as server:
         assert wait_until(lambda: httpx.get(server.url + "/ready").status_code == 200, timeout=120)
@@ -65,12 +66,15 @@ def chat(url, bundle, seed, instruction="what is this digit ?", max_tokens=8, ig
     return resp.json()
 
 
-def hf_generate_text(frozen, instruction, seed, max_tokens):
-    """What transformers' own `generate` answers for the message the server builds (image part, then text)."""
-    h, w = SIZES[seed % len(SIZES)]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    text = frozen.processor.apply_chat_template(messages, add_generation_prompt=True)
-    encoded = frozen.processor(images=[random_image(h, w, seed)], text=[text], return_tensors="pt")
+def hf_generate_text(frozen, instruction, seed, max_tokens, seeds=None):
+    """What transformers' own `generate` answers for the message the server builds (image parts, then text)."""
+    seeds = [seed] if seeds is None else seeds
+    parts = [{"type": "image"} for _ in seeds] + [{"type": "text", "text": instruction}]
+    text = frozen.processor.apply_chat_template(
+        [{"role": "user", "content": parts}], add_generation_prompt=True
+    )
+    pictures = [random_image(*SIZES[s % len(SIZES)], s) for s in seeds]
+    encoded = frozen.processor(images=pictures, text=[text], return_tensors="pt")
     with torch.no_grad():
         out = frozen.model.generate(**encoded, max_new_tokens=max_tokens, do_sample=False)
     tokens = out[0, encoded["input_ids"].shape[1] :].tolist()
@@ -121,3 +125,18 @@ def test_openai_client_with_a_bundle(live):
     assert reply.choices[0].message.content == plain["text"] and plain["text"]
     assert reply.choices[0].finish_reason == plain["finish_reason"]
     assert any(m.id.startswith("beta") for m in client.models.list())
+
+
+def test_two_images_of_different_sizes_in_one_request_answer_what_hf_generate_answers(live):
+    from openai import OpenAI
+
+    server, frozen = live
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    base_id = client.models.list().data[0].id
+    seeds = [0, 2]  # 48x64 and 64x48
+    content = [{"type": "image_url", "image_url": {"url": data_uri(*SIZES[s], s)}} for s in seeds]
+    content.append({"type": "text", "text": "what is this ?"})
+    messages = [{"role": "user", "content": content}]
+    reply = client.chat.completions.create(model=base_id, messages=messages, max_tokens=8, temperature=0)
+    text, reason = hf_generate_text(frozen, "what is this ?", 0, 8, seeds=seeds)
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (text, reason) and text
