@@ -39,10 +39,6 @@ def row_positions(model: Any, row: RowInput, offset: int) -> Tensor:
     return positions[:, 0] + offset
 
 
-def feature_width(model: Any) -> int:
-    return int(model.config.text_config.hidden_size)
-
-
 def split_features(features: Tensor, width: int) -> tuple[Tensor, list[Tensor]]:
     """[n, D * (1 + k)] -> merged [n, D] and k deepstack [n, D]."""
     parts = list(features.split(width, dim=-1))

@@ -77,15 +77,25 @@ def _chunk_attention(
         groups.setdefault((chunk[1] - chunk[0], prefix_keys[chunk[2]]), []).append(chunk)
     out = q.new_empty(q.shape)
     for chunk_group in groups.values():
-        idx = torch.cat([torch.arange(s, e, device=q.device) for s, e, _ in chunk_group])
         n, length = len(chunk_group), chunk_group[0][1] - chunk_group[0][0]
-        qc, kc, vc = (t.index_select(0, idx).view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        if n == 1:  # one chunk (a whole image): slices, no gather
+            (start, end, _), idx = chunk_group[0], None
+            qc, kc, vc = (t[start:end][None].transpose(1, 2) for t in (q, k, v))
+        else:
+            idx = torch.cat([torch.arange(s, e, device=q.device) for s, e, _ in chunk_group])
+            qc, kc, vc = (
+                t.index_select(0, idx).view(n, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
+            )
         part = prefix_kv[chunk_group[0][2]]
         if part is not None:  # [n, H, Lv + length, hd]
             kc = torch.cat([part[0].to(kc.dtype).expand(n, -1, -1, -1), kc], dim=2)
             vc = torch.cat([part[1].to(vc.dtype).expand(n, -1, -1, -1), vc], dim=2)
         res = nn.functional.scaled_dot_product_attention(qc, kc, vc, scale=scale)  # [n, H, length, hd]
-        out.index_copy_(0, idx, res.transpose(1, 2).reshape(n * length, *q.shape[1:]))
+        rows = res.transpose(1, 2).reshape(n * length, *q.shape[1:])  # [n * length, H, hd]
+        if idx is None:
+            out[start:end] = rows
+        else:
+            out.index_copy_(0, idx, rows)
     return out
 
 
