@@ -75,15 +75,15 @@ def feature_layer_indices(config) -> list[int]:
 
 
 def vision_layers_used(config) -> int:
-    """How many ViT layers must run: up to the deepest one `vision_feature_layer` selects. Later layers' outputs
-    are never read, so they are not run and a bundle carries no visual prompts for them."""
+    """How many ViT layers must run: up to the deepest one `vision_feature_layer` selects. Later layers'
+    outputs are never read, so they are not run and a bundle carries no visual prompts for them."""
     return max(feature_layer_indices(config))
 
 
 def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> Tensor:
     """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does.
 
-    `hidden_states` is the embedding output and then each run layer's output (possibly fewer than all layers)."""
+    `hidden_states` is the embedding output and then each run layer's output (maybe fewer than all layers)."""
     cfg = model.config
     chosen = [hidden_states[i] for i in feature_layer_indices(cfg)]
     if cfg.vision_feature_select_strategy == "default":
@@ -92,11 +92,15 @@ def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> 
 
 
 def vision_hidden_states(
-    model: nn.Module, pixel_values: Tensor, prefixes: Sequence[BundlePrefix | None]
+    model: nn.Module,
+    pixel_values: Tensor,
+    prefixes: Sequence[BundlePrefix | None],
+    num_layers: int | None = None,
 ) -> list[Tensor]:
     """Run the ViT's needed layers (`vision_layers_used`) with each row's visual prefix; returns the embedding
-    output and each run layer's output. CLIP applies `pre_layrnorm` to the embeddings; SigLIP has none (and its
-    `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads)."""
+    output and each run layer's output. CLIP applies `pre_layrnorm` to the embeddings; SigLIP has none (and
+    its `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads). `num_layers`
+    overrides how many layers run (families without `vision_feature_layer`, e.g. Gemma 3: all)."""
     tower = model.model.vision_tower
     hidden = tower.embeddings(pixel_values.to(tower.dtype))  # [B, (1+)N, Dv]
     pre_norm = getattr(tower, "pre_layrnorm", None)
@@ -105,7 +109,8 @@ def vision_hidden_states(
     parts = [None if p is None or p.visual_k is None else (p.visual_k, p.visual_v) for p in prefixes]
     stacked = _stack_prefixes(parts, hidden)
     states = [hidden]
-    for idx, layer in enumerate(tower.encoder.layers[: vision_layers_used(model.config)]):
+    run = vision_layers_used(model.config) if num_layers is None else num_layers
+    for idx, layer in enumerate(tower.encoder.layers[:run]):
         bound = (
             {} if stacked is None else {id(layer.self_attn): (stacked[0][idx], stacked[1][idx], stacked[2])}
         )

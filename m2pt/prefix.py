@@ -10,6 +10,7 @@ bundle under `torch.inference_mode()` and keeps the result on the device.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -47,6 +48,15 @@ def _split_heads(x: Tensor, head_dim: int) -> Tensor:
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
 
 
+def _rope_kind(lm: nn.Module, layer_idx: int) -> dict[str, str]:
+    """`{"layer_type": ...}` for LLMs whose rotary embedding differs per layer type (Gemma 3: local layers use
+    their own base frequency), else `{}`."""
+    layer_types = getattr(lm.config, "layer_types", None)
+    if layer_types is None or "layer_type" not in inspect.signature(lm.rotary_emb.forward).parameters:
+        return {}
+    return {"layer_type": str(layer_types[layer_idx])}
+
+
 def text_layer_kv(model: nn.Module, layer_idx: int, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """K/V of `prompt` [Lt, D] at LLM layer `layer_idx`, each [Hkv, Lt, hd], RoPE at positions 0..Lt-1."""
     lm = model.model.language_model
@@ -59,7 +69,7 @@ def text_layer_kv(model: nn.Module, layer_idx: int, prompt: Tensor) -> tuple[Ten
     k = k.transpose(1, 2)  # [1, Hkv, Lt, hd]
     v = _split_heads(attn.v_proj(x), attn.head_dim)
     positions = torch.arange(prompt.shape[0], device=prompt.device)[None]  # [1, Lt]
-    cos, sin = lm.rotary_emb(x, position_ids=positions)
+    cos, sin = lm.rotary_emb(x, positions, **_rope_kind(lm, layer_idx))
     apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     _, k = apply_rotary(k, k, cos, sin)
     return k[0], v[0]

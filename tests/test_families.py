@@ -5,6 +5,7 @@ The checks are the ones of tests/test_core_equivalence.py and tests/test_train_m
 checkpoints that keep each family's real config shape (training/tiny.py):
 - `siglip-qwen2`: llava-interleave-qwen (SigLIP without head, strategy full, layer -1, Qwen2 + bias + tied);
 - `clip-layer-2`: LLaVA-1.5 (CLIP, strategy default, layer -2: the last ViT layer is dead);
+- `clip-qwen3`: the LLaVA-1.5 recipe on a Qwen3 LLM (q/k-norm, GQA, tied embeddings);
 - `siglip-multi-default`: SigLIP with layers [-3, -2] concatenated and strategy default (HF drops the first
   patch even without CLS; the core must do the same).
 """
@@ -30,6 +31,7 @@ FAMILY_CONFIGS = {
         "vision_feature_layer": -2,
         "select_strategy": "default",
     },
+    "clip-qwen3": {"family": "llava", "llm": "qwen3", "text_init_std": 0.2},
     "siglip-multi-default": {"vit_layers": 4, "vision_feature_layer": [-3, -2], "select_strategy": "default"},
 }
 

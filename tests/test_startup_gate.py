@@ -53,12 +53,20 @@ def config_qwen2_vl():
     )
 
 
-def config_gemma3():
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+def config_gemma3_clip():
+    from transformers import CLIPVisionConfig, Gemma3Config, Gemma3TextConfig
 
     return Gemma3Config(
         text_config=Gemma3TextConfig(**small_text(head_dim=16)),
-        vision_config=SiglipVisionConfig(**small_vision()),
+        vision_config=CLIPVisionConfig(**small_vision()),
+    )
+
+
+def config_mistral3():
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+
+    return Mistral3Config(
+        text_config=MistralConfig(**small_text()), vision_config=PixtralVisionConfig(**small_vision())
     )
 
 
@@ -94,7 +102,8 @@ REFUSED = {
     "llava-onevision": (config_llava_onevision, "LlavaOnevisionForConditionalGeneration (LLaVA-OneVision"),
     "pixtral": (config_pixtral, "vision tower 'pixtral' is not supported"),
     "qwen2-vl": (config_qwen2_vl, "Qwen2VLForConditionalGeneration (Qwen2-VL"),
-    "gemma3": (config_gemma3, "Gemma3ForConditionalGeneration (Gemma 3"),
+    "gemma3-clip-tower": (config_gemma3_clip, "Gemma 3 vision tower 'clip_vision_model' is not supported"),
+    "mistral3": (config_mistral3, "Mistral3ForConditionalGeneration (Mistral 3"),
     "paligemma": (config_paligemma, "PaliGemmaForConditionalGeneration (PaliGemma"),
     "idefics3": (config_idefics3, "Idefics3ForConditionalGeneration (Idefics3"),
     "text-only": (config_causal_lm, "LlamaForCausalLM is not a supported model"),
@@ -121,7 +130,7 @@ def test_unsupported_family_is_refused_from_its_config(family, tmp_path):
             gate()
         message = str(err.value)
         assert expected in message and SUPPORTED in message and "siglip_vision_model" in message, message
-        assert "LlavaNextForConditionalGeneration" in message, message
+        assert "LlavaNextForConditionalGeneration" in message and "Gemma3ForConditionalGeneration" in message
 
 
 def test_unknown_model_type_is_refused(tmp_path):

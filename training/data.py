@@ -117,6 +117,11 @@ def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, 
     return text, spans
 
 
+def _last_end(offsets) -> int:
+    """End (in characters) of the last token that covers text (special tokens have empty spans)."""
+    return max(int(e) for s, e in offsets if e > s)
+
+
 SplitImages = Callable[[Mapping[str, Any]], list[ImageInput]]
 
 
@@ -135,8 +140,10 @@ def encode_record(record: Record, processor, split_images: SplitImages | None = 
     image_pos = (ids == image_id).nonzero()
     if not len(image_pos):
         raise DataError(f"{record.source}: the processor produced no image tokens")
-    # The processor expands the one image token before every answer; shift answer spans by the expansion.
-    delta = offsets[int(image_pos[-1])][1] - (text.index(processor.image_token) + len(processor.image_token))
+    # The processor expands the one image placeholder before every answer (into image tokens, and for some
+    # families markers around them); shift answer spans by the expansion: the text after it is unchanged.
+    plain = processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    delta = _last_end(offsets) - _last_end(plain)
     labels = torch.full_like(ids, IGNORE_INDEX)
     first_label_of_last = None
     for turn, (start, end) in enumerate(spans):

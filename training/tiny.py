@@ -26,6 +26,11 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 # User turn, then "assistant :"; the answer follows and ends with </s>. Content may be a string or a list
 # of parts ({"type": "image"} / {"type": "text", "text": ...}), as LlavaProcessor.apply_chat_template
 # passes them.
+GEMMA3_SPECIALS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}user : "
@@ -39,8 +44,14 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+
+def chat_template(placeholder: str) -> str:
+    """`CHAT_TEMPLATE` with another image placeholder (Gemma 3's user-facing one is `<start_of_image>`)."""
+    return CHAT_TEMPLATE.replace("<image> ", placeholder + " ")
+
+
 BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
-FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral")
+FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral", "gemma3")
 # llava-v1.6-mistral-7b's pinpoints (multiples of its 336 px tile) scaled to a tile of `image_size`
 NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
@@ -87,7 +98,10 @@ class TinyLlavaConfig:
     max_positions: int = 512
     seed: int = 0
     vision_feature_layer: int | list[int] = -1
+    mm_tokens: int = 4  # Gemma 3: image tokens after the projector's average pooling (real: 256)
+    sliding_window: int = 6  # Gemma 3: local layers' window (real: 1024); small so tests cross it
     family: str = "llava"  # see FAMILIES
+    llm: str | None = None  # override the family's LLM: "llama", "mistral", "qwen2" or "qwen3"
     text_init_std: float | None = None  # LLM init std (None: the config default); larger gives varied outputs
 
     @property
@@ -101,12 +115,17 @@ class TinyLlavaConfig:
     def pinpoints(self) -> list[list[int]]:
         return [[h * self.image_size, w * self.image_size] for h, w in NEXT_PINPOINTS]
 
+    @property
+    def gemma3(self) -> bool:
+        return self.family == "gemma3"
+
     def vocabulary(self) -> list[str]:
-        seen = dict.fromkeys(SPECIAL_TOKENS + BASE_WORDS + [w.lower() for w in self.words])
+        specials = SPECIAL_TOKENS + (list(GEMMA3_SPECIALS.values()) if self.gemma3 else [])
+        seen = dict.fromkeys(specials + BASE_WORDS + [w.lower() for w in self.words])
         return list(seen)
 
 
-def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
+def build_tokenizer(vocab: list[str], specials: dict[str, str] | None = None):  # -> PreTrainedTokenizerFast
     """Word-level tokenizer: lowercases, splits on whitespace and punctuation, adds `<s>` in front."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
@@ -125,7 +144,7 @@ def build_tokenizer(vocab: list[str]):  # -> PreTrainedTokenizerFast
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=specials or {"image_token": "<image>"},
         padding_side="left",
     )
 
@@ -148,8 +167,20 @@ def build_image_processor(cfg: TinyLlavaConfig):
     )
 
 
-def build_processor(cfg: TinyLlavaConfig, tokenizer):  # -> LlavaProcessor / LlavaNextProcessor
-    from transformers import LlavaNextProcessor, LlavaProcessor
+def build_processor(
+    cfg: TinyLlavaConfig, tokenizer
+):  # -> LlavaProcessor / LlavaNextProcessor / Gemma3Processor
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, LlavaNextProcessor, LlavaProcessor
+
+    if (
+        cfg.gemma3
+    ):  # SigLIP normalisation, square resize, no pan-and-scan; image_seq_length = mm_tokens_per_image
+        return Gemma3Processor(
+            image_processor=Gemma3ImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size}),
+            tokenizer=tokenizer,
+            image_seq_length=cfg.mm_tokens,
+            chat_template=chat_template(GEMMA3_SPECIALS["boi_token"]),
+        )
 
     return (LlavaNextProcessor if cfg.anyres else LlavaProcessor)(
         image_processor=build_image_processor(cfg),
@@ -172,13 +203,64 @@ def build_vision_config(cfg: TinyLlavaConfig):
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    if cfg.siglip:  # llava-interleave: siglip-so400m without the pooling head
+    if cfg.siglip or cfg.gemma3:  # llava-interleave / Gemma 3: siglip-so400m without the pooling head
         return SiglipVisionConfig(**sizes, vision_use_head=False, hidden_act="gelu_pytorch_tanh")
     return CLIPVisionConfig(**sizes, projection_dim=cfg.vit_dim)
 
 
+def build_gemma3_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> Gemma3ForConditionalGeneration
+    """gemma-3-4b-it's shape: SigLIP (no head), 5 local : 1 global layers, local rope theta 1e4 / global 1e6,
+    q/k-norm, GQA, avg-pool + RMSNorm projector to `mm_tokens` tokens (embeddings untied, see below)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig
+
+    vocab = cfg.vocabulary()
+    text = Gemma3TextConfig(
+        hidden_size=cfg.llm_dim,
+        intermediate_size=cfg.llm_mlp,
+        num_hidden_layers=6,
+        num_attention_heads=cfg.llm_heads,
+        num_key_value_heads=cfg.llm_kv_heads,
+        head_dim=cfg.llm_dim // cfg.llm_heads,
+        query_pre_attn_scalar=cfg.llm_dim // cfg.llm_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=cfg.max_positions,
+        sliding_window=cfg.sliding_window,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=cfg.text_init_std or 0.02,
+        # Untied, unlike the real checkpoints: with tied, sqrt(d)-scaled embeddings a random-init Gemma 3
+        # always repeats its last input token, so no bundle could change an answer. The prompt math does not
+        # read lm_head.
+        tie_word_embeddings=False,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=build_vision_config(cfg),
+        mm_tokens_per_image=cfg.mm_tokens,
+        boi_token_index=vocab.index(GEMMA3_SPECIALS["boi_token"]),
+        eoi_token_index=vocab.index(GEMMA3_SPECIALS["eoi_token"]),
+        image_token_index=vocab.index(GEMMA3_SPECIALS["image_token"]),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # HF initialises the projector matrix to zeros (images would have no effect)
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.copy_(torch.randn(weight.shape) * weight.shape[0] ** -0.5)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()
+
+
+def gemma3_cfg(**overrides) -> TinyLlavaConfig:
+    """A tiny `google/gemma-3-4b-it`-shaped config."""
+    base = dict(family="gemma3", patch_size=4, vit_layers=3, text_init_std=0.2)
+    return TinyLlavaConfig(**{**base, **overrides})
+
+
 def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         hidden_size=cfg.llm_dim,
@@ -194,11 +276,19 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
     )
     if cfg.text_init_std is not None:
         common["initializer_range"] = cfg.text_init_std
-    if cfg.siglip:  # Qwen2-0.5B: qkv bias (built in), tied embeddings, rope theta 1e6
+    llm = cfg.llm or ("qwen2" if cfg.siglip else "mistral" if cfg.anyres else "llama")
+    if llm == "qwen3":  # Qwen3: per-head q/k RMSNorm, explicit head_dim, tied (0.6B-4B), rope theta 1e6
+        return Qwen3Config(
+            **common,
+            head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
+    if llm == "qwen2":  # Qwen2-0.5B: qkv bias (built in), tied embeddings, rope theta 1e6
         return Qwen2Config(
             **common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}
         )
-    if cfg.anyres:  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
+    if llm == "mistral":  # Mistral-7B-v0.2: GQA, rope theta 1e6, no sliding window, untied
         return MistralConfig(
             **common,
             tie_word_embeddings=False,
@@ -209,6 +299,10 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
     return LlamaConfig(
         **common, tie_word_embeddings=False, head_dim=cfg.llm_head_dim or cfg.llm_dim // cfg.llm_heads
     )
+
+
+def config_tied(cfg: TinyLlavaConfig) -> bool:
+    return (cfg.llm or ("qwen2" if cfg.siglip else "")) in ("qwen2", "qwen3")
 
 
 def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration (or NeXT)
@@ -238,7 +332,7 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
         vision_feature_select_strategy=cfg.select_strategy,
         vision_feature_layer=cfg.vision_feature_layer,
         projector_hidden_act="gelu",
-        tie_word_embeddings=cfg.siglip,
+        tie_word_embeddings=bool(config_tied(cfg)),
     )
     torch.manual_seed(cfg.seed)
     model = model_class(config)
@@ -256,8 +350,9 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, mo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = cfg.vocabulary()
-    processor = build_processor(cfg, build_tokenizer(vocab))
-    model = model if model is not None else build_model(cfg, len(vocab))
+    processor = build_processor(cfg, build_tokenizer(vocab, GEMMA3_SPECIALS if cfg.gemma3 else None))
+    if model is None:
+        model = build_gemma3_model(cfg, len(vocab)) if cfg.gemma3 else build_model(cfg, len(vocab))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     log.info(

@@ -116,6 +116,11 @@ class ModelFamily(ABC):
     def decode_step(self, model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per row (`[B]` long); next-token logits `[B, V]`; advances `state` in place."""
 
+    def chunk_end(self, model: nn.Module, row: RowInput, end: int) -> int:
+        """The first valid chunk boundary at or after `end` for chunked prefill (default: any boundary is
+        valid; families with bidirectional spans, e.g. Gemma 3's images, move it past the span)."""
+        return end
+
     def smoke_text(self, processor: Any) -> str:
         """The text of the startup smoke prefill: one image placeholder (the processor expands it)."""
         return str(processor.image_token)
