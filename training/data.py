@@ -18,12 +18,15 @@ This module does not run the model; `training.trainer` does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from m2pt.families.base import ImageInput
 from training.builtin import builtin_records, is_builtin
 from training.records import IMAGE_TOKEN, BadRecord, DataError, OnBad, Record, read_llava_json
 
@@ -41,9 +44,13 @@ class Encoded:
 
     input_ids: Tensor  # [T] long
     labels: Tensor  # [T] long, IGNORE_INDEX except answer tokens
-    pixel_values: Tensor  # [3, H, W]
+    pixel_values: Tensor  # the (first) image's pixels in the family's layout; LLaVA [3, H, W]
     prompt_len: int  # input_ids[:prompt_len] = prompt of the last answer
     source: str
+    images: tuple[ImageInput, ...] = ()  # every image of the example (`family.split_images`), in order
+
+    def image_inputs(self) -> tuple[ImageInput, ...]:
+        return self.images or (ImageInput(self.pixel_values),)
 
     @property
     def answer_ids(self) -> Tensor:
@@ -72,7 +79,10 @@ class Batch:
 
     input_ids: list[Tensor]  # B x [T_b]
     labels: Tensor  # [B, T] long, left-padded with IGNORE_INDEX
-    pixel_values: Tensor  # [B, 3, H, W]
+    pixel_values: (
+        Tensor | None
+    )  # [B, 3, H, W] when every example has one equal-shape image (LLaVA), else None
+    images: list[tuple[ImageInput, ...]] = field(default_factory=list)  # per example, in the family's layout
 
 
 def to_messages(turns: list[tuple[str, str]]) -> list[dict]:
@@ -95,7 +105,9 @@ def answer_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, 
     text = processor.apply_chat_template(messages, tokenize=False)
     spans = []
     for k in range(1, len(messages), 2):
-        before = processor.apply_chat_template(messages[:k], tokenize=False)
+        # the prompt as serving renders it (with the generation prompt: Qwen's "<|im_start|>assistant\n"), so an
+        # assistant header the template emits is part of the prompt, never a label
+        before = processor.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
         upto = processor.apply_chat_template(messages[: k + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise DataError(
@@ -110,8 +122,16 @@ def _last_end(offsets) -> int:
     return max(int(e) for s, e in offsets if e > s)
 
 
-def encode_record(record: Record, processor) -> Encoded:
-    """Tokenise one record through the processor and label its answer tokens."""
+SplitImages = Callable[[Mapping[str, Any]], list[ImageInput]]
+
+
+def llava_split(encoded: Mapping[str, Any]) -> list[ImageInput]:
+    return [ImageInput(px) for px in encoded["pixel_values"]]  # each [3, H, W]
+
+
+def encode_record(record: Record, processor, split_images: SplitImages | None = None) -> Encoded:
+    """Tokenise one record through the processor and label its answer tokens. `split_images` is the base's
+    `family.split_images` (default: LLaVA's one `[3, H, W]` per image)."""
     text, spans = answer_spans(processor, to_messages(record.turns))
     enc = processor(text=[text], images=[record.image], return_offsets_mapping=True, return_tensors="pt")
     ids = enc["input_ids"][0]  # [T]
@@ -132,11 +152,14 @@ def encode_record(record: Record, processor) -> Encoded:
             raise DataError(f"{record.source}: answer of turn {turn} produced no tokens")
         labels[inside] = ids[inside]
         first_label_of_last = inside[0]
-    return Encoded(ids, labels, enc["pixel_values"][0], int(first_label_of_last), record.source)
+    images = tuple((split_images or llava_split)(enc))
+    return Encoded(ids, labels, images[0].pixel_values, int(first_label_of_last), record.source, images)
 
 
-def encode_records(name: str, records: list[Record], bad: list[BadRecord], processor) -> EncodedDataset:
-    examples = [encode_record(r, processor) for r in records]
+def encode_records(
+    name: str, records: list[Record], bad: list[BadRecord], processor, split_images: SplitImages | None = None
+) -> EncodedDataset:
+    examples = [encode_record(r, processor, split_images) for r in records]
     eos = processor.tokenizer.eos_token_id
     if examples and eos is not None and int(examples[0].answer_ids[-1]) != eos:
         log.warning(
@@ -150,7 +173,12 @@ def collate(examples: list[Encoded]) -> Batch:
     labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for b, ex in enumerate(examples):
         labels[b, length - ex.labels.shape[0] :] = ex.labels
-    return Batch([e.input_ids for e in examples], labels, torch.stack([e.pixel_values for e in examples]))
+    images = [e.image_inputs() for e in examples]
+    pixels = [ims[0].pixel_values for ims in images if len(ims) == 1]
+    stackable = len(pixels) == len(examples) and all(
+        p.ndim == 3 and p.shape == pixels[0].shape for p in pixels
+    )
+    return Batch([e.input_ids for e in examples], labels, torch.stack(pixels) if stackable else None, images)
 
 
 def split_json(records: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
@@ -190,8 +218,11 @@ def read_source(
     return (records[:n] if n else records), bad
 
 
-def load_data(opts: DataOptions, processor, image_size: int) -> tuple[EncodedDataset, EncodedDataset]:
-    """The encoded train and held-out eval sets for `opts` (see the module docstring for the splits)."""
+def load_data(
+    opts: DataOptions, processor, image_size: int, split_images: SplitImages | None = None
+) -> tuple[EncodedDataset, EncodedDataset]:
+    """The encoded train and held-out eval sets for `opts` (see the module docstring for the splits).
+    `split_images` is the base's `family.split_images` (default: LLaVA layout)."""
     own_split = opts.eval_data is None and not is_builtin(opts.data)
     train_records, bad = read_source(
         opts.data, opts, image_size, None if own_split else opts.train_size, False
@@ -211,8 +242,10 @@ def load_data(opts: DataOptions, processor, image_size: int) -> tuple[EncodedDat
         raise DataError(f"{opts.data}: no training records")
     if not eval_records:
         log.warning("%s: no held-out records; periodic evaluation is disabled", opts.data)
-    train = encode_records(opts.data, train_records, bad, processor)
-    held_out = encode_records(opts.eval_data or f"{opts.data} (held out)", eval_records, eval_bad, processor)
+    train = encode_records(opts.data, train_records, bad, processor, split_images)
+    held_out = encode_records(
+        opts.eval_data or f"{opts.data} (held out)", eval_records, eval_bad, processor, split_images
+    )
     log.info(
         "data: %d train, %d eval examples (%d bad records skipped)",
         len(train),

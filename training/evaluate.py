@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from m2pt.families.base import ImageInput
 from m2pt.families.registry import family_of
-from m2pt.forward import RowInput
 from m2pt.prefix import BundlePrefix
 from m2pt.prompts import PromptTensors
 from training.data import Encoded, EncodedDataset
+from training.params import family_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,8 @@ class EvalResult:
 def greedy_batch(model: nn.Module, examples: list[Encoded], prefix: BundlePrefix | None) -> list[list[int]]:
     """Greedy tokens for each prompt: as many as the longest answer (+ `</s>`) in the batch."""
     family = family_of(model)
-    images = [ImageInput(e.pixel_values) for e in examples]
-    features = family.encode_images(model, images, [prefix] * len(examples))  # B x [N, D]
-    rows = [
-        RowInput(e.input_ids[: e.prompt_len], features[b], prefix, (images[b],))
-        for b, e in enumerate(examples)
-    ]
+    prompts = [e.input_ids[: e.prompt_len] for e in examples]
+    rows = family_rows(family, model, prompts, [e.image_inputs() for e in examples], prefix)
     logits, state = family.prefill(model, rows)  # [B, V]
     steps = max(int(e.answer_ids.shape[0]) for e in examples)
     generated: list[list[int]] = [[] for _ in examples]

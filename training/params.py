@@ -13,11 +13,15 @@ It does not own the optimiser, data order or I/O (see `training.trainer`, `train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
-from m2pt.families.base import ImageInput
+from m2pt.families.base import ImageInput, ModelFamily
 from m2pt.families.registry import family_of
 from m2pt.forward import RowInput
+from m2pt.prefix import BundlePrefix
 from m2pt.prompts import PromptTensors
 from training.data import IGNORE_INDEX, Batch
 
@@ -64,9 +68,8 @@ class PromptModule(nn.Module):
         model = self.frozen
         family = family_of(model)
         prefix = family.compute_prefix(model, self.prompts())
-        images = [ImageInput(px) for px in batch.pixel_values]  # one image per example
-        features = family.encode_images(model, images, [prefix] * len(images))  # B x [N, D]
-        rows = [RowInput(ids, features[b], prefix, (images[b],)) for b, ids in enumerate(batch.input_ids)]
+        images = batch.images or [(ImageInput(px),) for px in batch.pixel_values]  # per example
+        rows = family_rows(family, model, batch.input_ids, images, prefix)
         logits, _ = family.prefill(model, rows, all_logits=True)  # [B, T, V]
         return logits
 
@@ -83,6 +86,23 @@ class PromptModule(nn.Module):
             reduction="sum",
         )
         return token_loss / max(global_tokens, 1)
+
+
+def family_rows(
+    family: ModelFamily,
+    model: nn.Module,
+    input_ids: Sequence[Tensor],
+    images: Sequence[Sequence[ImageInput]],
+    prefix: BundlePrefix | None,
+) -> list[RowInput]:
+    """`RowInput`s of examples that all use `prefix`: every image goes through one `encode_images` call."""
+    flat = [im for row in images for im in row]
+    features = iter(family.encode_images(model, flat, [prefix] * len(flat)))
+    rows = []
+    for ids, row_images in zip(input_ids, images, strict=True):
+        feats = [next(features) for _ in row_images]
+        rows.append(RowInput(ids, torch.cat(feats) if feats else None, prefix, tuple(row_images)))
+    return rows
 
 
 def count_parameters(module: PromptModule) -> dict[str, int]:

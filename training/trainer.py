@@ -95,7 +95,7 @@ class Trainer:
         self.base = base or load_base(cfg, ctx)
         assert_frozen(self.base.model)
         self.train_set, self.eval_set = load_data(
-            data_options(cfg), self.base.processor, self.base.spec.image_size
+            data_options(cfg), self.base.processor, self.base.spec.image_size, self.base.family.split_images
         )
         if cfg.batch_size < ctx.world_size:
             raise ConfigError(

@@ -17,8 +17,9 @@ def _families() -> list[ModelFamily]:
     from m2pt.families.gemma3 import GEMMA3
     from m2pt.families.llava import LLAVA
     from m2pt.families.llava_next import LLAVA_NEXT
+    from m2pt.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 
-    return [LLAVA, LLAVA_NEXT, GEMMA3]
+    return [LLAVA, LLAVA_NEXT, GEMMA3, QWEN2_5_VL, QWEN3_VL]
 
 
 KNOWN_UNSUPPORTED = {
@@ -26,8 +27,6 @@ KNOWN_UNSUPPORTED = {
         "LLaVA-OneVision (its processor cannot be built without torchvision under transformers 5.24)"
     ),
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
-    "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL (M-RoPE, windowed packed-patch ViT)",
-    "Qwen3VLForConditionalGeneration": "Qwen3-VL (M-RoPE, deepstack)",
     "PaliGemmaForConditionalGeneration": "PaliGemma (prefix-LM mask)",
     "Idefics3ForConditionalGeneration": "Idefics3 (pixel-shuffle connector, image splitting)",
     "Mistral3ForConditionalGeneration": "Mistral 3 (Pixtral ViT, patch merger)",
