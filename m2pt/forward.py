@@ -243,6 +243,61 @@ def prefill(
     return model.lm_head(hidden), state
 
 
+def chunk_image_features(row: RowInput, start: int, end: int, image_token_id: int) -> Tensor | None:
+    """The rows of `row.image_features` that fill the placeholders in `input_ids[start:end]` ([n, D] or None).
+
+    Placeholders before `start` are counted to find the offset; raises `ValueError` when the row has not as
+    many feature rows as placeholder tokens (checked on the whole row, so the first chunk already refuses
+    it)."""
+    slots = row.input_ids == image_token_id  # [T]
+    have = 0 if row.image_features is None else int(row.image_features.shape[0])
+    want = int(slots.sum())
+    if want != have:
+        raise ValueError(f"{want} image placeholder tokens but {have} image feature rows")
+    before, inside = int(slots[:start].sum()), int(slots[start:end].sum())
+    if inside == 0 or row.image_features is None:
+        return None
+    return row.image_features[before : before + inside]
+
+
+def prefill_chunk(
+    model: nn.Module, row: RowInput, start: int, end: int, state: DecodeState | None = None
+) -> tuple[Tensor, DecodeState]:
+    """Feed the prompt tokens `input_ids[start:end]` of ONE row, appended to its cache (chunked prefill).
+
+    `state` is None for the first chunk (`start == 0`): the row's cache then starts with its bundle's text
+    prefix, exactly as `prefill` builds it. Positions continue where `state` left off, so prefilling a prompt in
+    any chunking gives the same logits as `prefill` on the whole prompt (tests/test_engine_chunked.py, 1e-5
+    fp32). Returns the logits of the chunk's last token [1, V] and the row's state (a batch of one, advanced in
+    place). Inference only (the cache grows in place)."""
+    if (state is None) != (start == 0) or not 0 <= start < end <= int(row.input_ids.shape[0]):
+        raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
+    device = model.lm_head.weight.device
+    ids = row.input_ids[start:end].to(device)[None]  # [1, C]
+    embeds = model.model.get_input_embeddings()(ids)  # [1, C, D]
+    features = chunk_image_features(row, start, end, model.config.image_token_id)
+    if features is not None:
+        slots = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    if state is None:
+        room = int(row.input_ids.shape[0]) + 64
+        cache, mask, next_position = _prefix_cache(model, [row], embeds, room=room)  # mask [1, P]
+    else:
+        cache, mask, next_position = state.cache, state.attention_mask, state.positions
+    chunk = end - start
+    attention_mask = torch.cat([mask, mask.new_ones(1, chunk)], dim=1)  # [1, S+C]
+    position_ids = next_position[:, None] + torch.arange(chunk, device=device)[None]  # [1, C]
+    out = model.model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    )
+    new_state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)
+    return model.lm_head(out.last_hidden_state[:, -1]), new_state
+
+
 def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
     """Feed one token per row ([B] long); returns next-token logits [B, V] and advances `state` in place."""
     state.attention_mask = nn.functional.pad(state.attention_mask, (0, 1), value=1)
