@@ -266,10 +266,10 @@ def prefill_chunk(
     """Feed the prompt tokens `input_ids[start:end]` of ONE row, appended to its cache (chunked prefill).
 
     `state` is None for the first chunk (`start == 0`): the row's cache then starts with its bundle's text
-    prefix, exactly as `prefill` builds it. Positions continue where `state` left off, so prefilling a prompt in
-    any chunking gives the same logits as `prefill` on the whole prompt (tests/test_engine_chunked.py, 1e-5
-    fp32). Returns the logits of the chunk's last token [1, V] and the row's state (a batch of one, advanced in
-    place). Inference only (the cache grows in place)."""
+    prefix, exactly as `prefill` builds it. Positions continue where `state` left off, so prefilling a prompt
+    in any chunking gives the same logits as `prefill` on the whole prompt (tests/test_engine_chunked.py,
+    1e-5 fp32). Returns the logits of the chunk's last token [1, V] and the row's state (a batch of one,
+    advanced in place). Inference only (the cache grows in place)."""
     if (state is None) != (start == 0) or not 0 <= start < end <= int(row.input_ids.shape[0]):
         raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
     device = model.lm_head.weight.device

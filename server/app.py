@@ -2,7 +2,8 @@
 
 `create_app(settings, engine=None)`:
 - with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import
-  time) by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
+  time) by `server.engine_settings.engine_from_settings(settings, metrics)` in a worker thread, started, and
+  stopped on shutdown;
 - with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped
   here.
 
@@ -106,10 +107,10 @@ def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
             yield
             return
         settings.check_paths()
-        from server.engine.engine import Engine
+        from server.engine_settings import engine_from_settings
 
         log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
-        engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+        engine = await run_in_threadpool(engine_from_settings, settings, metrics)
         await engine.start()
         app.state.engine = engine
         log.info("serving %s on %s:%d", engine.base_model_id, settings.host, settings.port)

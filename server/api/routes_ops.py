@@ -62,7 +62,7 @@ async def upload_bundle(request: Request) -> JSONResponse:
         version = _text_field(form.get("version"), "version")
     finally:
         await form.close()
-    from server.engine.wiring import bundle_limits_from_settings
+    from server.engine_settings import bundle_limits_from_settings
 
     limits = getattr(engine, "bundle_limits", None) or bundle_limits_from_settings(settings)
     ref = await run_in_threadpool(

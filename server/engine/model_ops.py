@@ -1,0 +1,80 @@
+"""What the runner needs from a model family, as ONE object (`ModelOps`), and LLaVA's implementation.
+
+A family adapter (m2pt/families/...) can provide its own `ModelOps`; `build_engine(..., ops=...)` takes it, so a
+new family plugs in without touching the engine. All methods run on the engine loop thread under
+`torch.inference_mode()`. See /work/wt/_notes/engine.md for the contract in prose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from m2pt.forward import DecodeState, RowInput, decode_step, encode_images, prefill_chunk
+from m2pt.prefix import BundlePrefix, compute_prefix
+from m2pt.prompts import PromptTensors
+
+
+class ModelOps(Protocol):
+    device: torch.device
+
+    def compute_prefix(self, prompts: PromptTensors) -> BundlePrefix:
+        """A bundle's per-layer K/V (precomputed once per bundle)."""
+        ...
+
+    def encode_images(
+        self, pixels: Sequence[Tensor], prefixes: Sequence[BundlePrefix | None]
+    ) -> list[Tensor]:
+        """One entry per image (its processor output) -> that image's features [n_tokens, D]."""
+        ...
+
+    def prefill_chunk(self, row: RowInput, start: int, end: int, state: Any | None) -> tuple[Tensor, Any]:
+        """Prompt tokens [start, end) of one row appended to its state (None = first chunk); returns the last
+        token's logits [1, V] and the row's state."""
+        ...
+
+    def merge(self, states: Sequence[Any]) -> Any:
+        """Join row states into one batch state (consumes them)."""
+        ...
+
+    def select(self, state: Any, rows: Sequence[int]) -> Any:
+        """Keep `rows` of a batch state, in that order."""
+        ...
+
+    def decode_step(self, state: Any, tokens: Tensor) -> Tensor:
+        """One token per row ([B] long) -> next-token logits [B, V]; advances `state`."""
+        ...
+
+
+class LlavaOps:
+    """`ModelOps` of `LlavaForConditionalGeneration` over the core's one implementation (`m2pt.forward`)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    def compute_prefix(self, prompts: PromptTensors) -> BundlePrefix:
+        return compute_prefix(self.model, prompts)
+
+    def encode_images(
+        self, pixels: Sequence[Tensor], prefixes: Sequence[BundlePrefix | None]
+    ) -> list[Tensor]:
+        batch = torch.stack(list(pixels)).to(self.device)  # [M, 3, H, W]
+        return list(encode_images(self.model, batch, prefixes))  # M x [N, D]
+
+    def prefill_chunk(
+        self, row: RowInput, start: int, end: int, state: DecodeState | None
+    ) -> tuple[Tensor, DecodeState]:
+        return prefill_chunk(self.model, row, start, end, state)
+
+    def merge(self, states: Sequence[DecodeState]) -> DecodeState:
+        return DecodeState.merge(states)
+
+    def select(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
+        return state.select(rows)
+
+    def decode_step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        return decode_step(self.model, state, tokens.to(self.device))
