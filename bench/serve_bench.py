@@ -249,8 +249,10 @@ def write_reports(out: Path, payload: dict) -> None:
         "",
         *[f"{note}" for note in payload.get("notes", [])],
         "",
-        "| scenario | clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-        "| ITL p99/p50 | errors |",
+        (
+            "| scenario | clients | requests | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+            "| ITL p99/p50 | errors |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["results"].values():
@@ -323,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "model": f"random-init LLaVA, {params / 1e6:.0f} M parameters ({args.model_size}), fp32 CPU",
         "command": "python -m bench.serve_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "machine": (
+            f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}"
+        ),
         "max_tokens": args.max_tokens,
         "notes": args.note,
         "cpu_bound": cpu_bound,

@@ -10,7 +10,7 @@ import json
 
 import httpx
 import pytest
-from api_fakes import LiveServer, png_data_uri, wait_until
+from api_fakes import LiveServer
 
 from server.engine.config import EngineConfig
 from server.engine.factory import build_engine
@@ -115,7 +115,7 @@ def post_chat(url, instruction, **extra):
 
 def faults(url) -> float:
     text = httpx.get(url + "/metrics").text
-    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("m2pt_engine_faults_total"))
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith("m2pt_engine_faults_total"))
 
 
 def test_failed_requests_are_5xx_and_repeated_faults_turn_ready_503(faulty_server):

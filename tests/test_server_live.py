@@ -194,9 +194,9 @@ VERY_LONG = {**LONG, "max_tokens": 60000}
 def finished(url, reason):
     text = httpx.get(url + "/metrics").text
     return sum(
-        float(l.split()[-1])
-        for l in text.splitlines()
-        if l.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in l
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("m2pt_engine_finished_total") and f'reason="{reason}"' in line
     )
 
 
@@ -333,7 +333,7 @@ def test_image_placeholder_text_is_400_and_a_running_stream_is_untouched(live):
     def stream_text():
         with httpx.stream("POST", live.url + "/v1/chat", json=body, timeout=120) as resp:
             assert resp.status_code == 200
-            chunks = [json.loads(l[6:]) for l in resp.iter_lines() if l.startswith("data: {")]
+            chunks = [json.loads(x[6:]) for x in resp.iter_lines() if x.startswith("data: {")]
         assert chunks[-1]["finish_reason"] == "length"
         return "".join(c["text"] for c in chunks)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 128
 
 
 @dataclass(frozen=True)
