@@ -26,6 +26,10 @@ def engine_config_from_settings(settings: Settings) -> EngineConfig:
 
 
 def bundle_limits_from_settings(settings: Settings):
+    """The caps every bundle load must meet (`Settings.bundle_limits()` where the settings define it)."""
+    own = getattr(settings, "bundle_limits", None)
+    if callable(own):
+        return own()
     from prompts_store.limits import BundleLimits
 
     return BundleLimits(

@@ -9,7 +9,7 @@ from typing import Any
 from server.engine.bundles import BundleResidency
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.model_ops import LlavaOps, ModelOps
+from server.engine.model_ops import ModelOps, ops_for
 from server.engine.outputs import OutputProcessor
 from server.engine.preprocess import Preprocessor
 from server.engine.runner import ImageFeatureCache, ModelRunner
@@ -28,12 +28,12 @@ def build_engine(
     preprocessor: Any = None,
 ) -> Engine:
     """An `Engine` over `frozen` (a `m2pt.loading.FrozenLlava`) and a bundle `store` (`prompts_store` store or
-    None). `ops` defaults to `LlavaOps`; a model family passes its own (and its own preprocessor if its
-    inputs differ). Not started: `await engine.start()`."""
+    None). `ops` defaults to the model family's adapter (`ops_for`); a caller may pass its own (and its own
+    preprocessor if its inputs differ). Not started: `await engine.start()`."""
     served_id = model_id or frozen.spec.model_id
     # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
     spec = dataclasses.replace(frozen.spec, model_id=served_id)
-    ops = ops if ops is not None else LlavaOps(frozen.model, frozen.device)
+    ops = ops if ops is not None else ops_for(frozen)
     preprocessor = preprocessor if preprocessor is not None else Preprocessor(frozen)
     outputs = OutputProcessor(frozen.processor.tokenizer, metrics)
     scheduler = Scheduler(config, outputs.push)

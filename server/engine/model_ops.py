@@ -78,3 +78,36 @@ class LlavaOps:
 
     def decode_step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         return decode_step(self.model, state, tokens.to(self.device))
+
+
+class FamilyOps(LlavaOps):
+    """`ModelOps` over an `m2pt.families` adapter (`frozen.family`): images, prefill, decode and prefixes go
+    through the family; a family without `prefill_chunk` gets the core's LLaVA one (positions = prefix length +
+    index, right for every Llama-style RoPE; M-RoPE families must provide their own)."""
+
+    def __init__(self, family: Any, model: torch.nn.Module, device: torch.device) -> None:
+        super().__init__(model, device)
+        self.family = family
+
+    def compute_prefix(self, prompts: PromptTensors) -> BundlePrefix:
+        return self.family.compute_prefix(self.model, prompts)
+
+    def encode_images(self, pixels: Sequence[Any], prefixes: Sequence[BundlePrefix | None]) -> list[Tensor]:
+        return list(self.family.encode_images(self.model, list(pixels), list(prefixes)))
+
+    def prefill_chunk(self, row: RowInput, start: int, end: int, state: Any | None) -> tuple[Tensor, Any]:
+        chunked = getattr(self.family, "prefill_chunk", None)
+        if chunked is None:
+            return super().prefill_chunk(row, start, end, state)
+        return chunked(self.model, row, start, end, state)
+
+    def decode_step(self, state: Any, tokens: Tensor) -> Tensor:
+        return self.family.decode_step(self.model, state, tokens.to(self.device))
+
+
+def ops_for(frozen: Any) -> ModelOps:
+    """The model's `ModelOps`: its family's adapter when the loader attached one, else plain LLaVA."""
+    family = getattr(frozen, "family", None)
+    if family is not None:
+        return FamilyOps(family, frozen.model, frozen.device)
+    return LlavaOps(frozen.model, frozen.device)

@@ -68,6 +68,7 @@ class Preprocessor:
 
     def __init__(self, frozen) -> None:
         self.processor = frozen.processor
+        self.family = getattr(frozen, "family", None)  # m2pt.families adapter, when the loader attached one
         self.image_token_id = int(frozen.spec.image_token_id)
         self.tokens_per_image = int(frozen.spec.num_image_tokens)
         self.image_token = str(getattr(self.processor, "image_token", "") or "")
@@ -82,12 +83,14 @@ class Preprocessor:
     def prepare(self, request: GenerationRequest, entry) -> PreparedRow:
         """Raises `InvalidRequestError` or `PromptTooLongError` (see the module docstring)."""
         check_messages(request.messages, len(request.images), self.image_token)
-        input_ids, pixel_values = self._tokenize(request)
+        input_ids, pixel_values, images = self._tokenize(request)
         n_slots = int((input_ids == self.image_token_id).sum())
-        if n_slots != len(request.images) * self.tokens_per_image:
+        # LLaVA: a fixed number of placeholders per image; other families: at least one per image
+        expected = len(request.images) * self.tokens_per_image if self.family is None else None
+        if (expected is not None and n_slots != expected) or (bool(n_slots) != bool(request.images)):
             raise InvalidRequestError(
-                f"the prompt has {n_slots} image placeholder tokens but {len(request.images)} image(s) fill "
-                f"{len(request.images) * self.tokens_per_image}; send one image part per image"
+                f"the prompt has {n_slots} image placeholder tokens, which {len(request.images)} image(s) "
+                "cannot fill; send one image part per image"
             )
         prefix = None if entry is None else entry.prefix
         self._check_length(int(input_ids.shape[0]), 0 if prefix is None else prefix.text_len, request)
@@ -99,6 +102,7 @@ class Preprocessor:
             prefix=prefix,
             bundle_key="base" if entry is None else entry.content_hash,
             num_image_tokens=n_slots,
+            images=images,
         )
 
     def _tokenize(self, request: GenerationRequest):
@@ -108,8 +112,10 @@ class Preprocessor:
             )
             if request.images:
                 encoded = self.processor(images=request.images, text=text, return_tensors="pt")
-                return encoded["input_ids"][0], encoded["pixel_values"]  # [T], [n_images, 3, H, W]
-            return self.processor.tokenizer(text, return_tensors="pt")["input_ids"][0], None
+                split = getattr(self.family, "split_images", None)
+                images = list(split(encoded)) if split is not None else None
+                return encoded["input_ids"][0], encoded["pixel_values"], images  # [T], [n_images, 3, H, W]
+            return self.processor.tokenizer(text, return_tensors="pt")["input_ids"][0], None, None
         except (ValueError, TypeError, KeyError, IndexError, TemplateError) as exc:
             detail = str(exc).splitlines()[0][:MAX_QUOTED] if str(exc) else type(exc).__name__
             raise InvalidRequestError(f"the model's processor refused this input: {detail}") from exc

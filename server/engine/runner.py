@@ -142,7 +142,11 @@ class ModelRunner:
                 if hit is not None:
                     found[cache_key] = hit
                 else:
-                    missing[cache_key] = (rs.row.pixel_values[idx], rs.row.prefix)
+                    images = getattr(
+                        rs.row, "images", None
+                    )  # a family's per-image inputs, when it splits them
+                    image = images[idx] if images else rs.row.pixel_values[idx]
+                    missing[cache_key] = (image, rs.row.prefix)
         if missing:
             encoded = self.ops.encode_images(
                 [px for px, _ in missing.values()], [p for _, p in missing.values()]

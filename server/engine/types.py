@@ -61,6 +61,7 @@ class PreparedRow:
     prefix: Any  # m2pt.prefix.BundlePrefix or None
     bundle_key: str  # bundle content hash, or "base"
     num_image_tokens: int = 0
+    images: list[Any] | None = None  # a model family's per-image inputs (`family.split_images`), else None
 
     @property
     def num_tokens(self) -> int:
