@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from m2pt.cache import GrowableLayer, set_layer_states
+from m2pt.cache import GrowableLayer, set_layer_states, swap_remove_order
 from m2pt.prefix import BundlePrefix
 
 NEG_INF = float("-inf")
@@ -147,6 +147,54 @@ class DecodeState:
             keys = layer.keys.index_select(0, idx)[:, :, start:]
             set_layer_states(layer, keys, layer.values.index_select(0, idx)[:, :, start:])
         return DecodeState(self.cache, mask[:, start:], self.positions.index_select(0, idx))
+
+    @property
+    def growable(self) -> bool:
+        """True when every layer grows in place (serving), so rows can join and leave without re-packing."""
+        layers = self.cache.layers
+        return bool(layers) and all(
+            isinstance(layer, GrowableLayer) and layer.is_initialized for layer in layers
+        )
+
+    def remove_rows(self, rows: Sequence[int], compact_at: int = 128) -> list[int]:
+        """Drop `rows` IN PLACE; returns the old index of each remaining row in its new position.
+
+        Growable caches swap-remove (the last row fills the hole, one row copied); leading positions no row
+        attends to any more are dropped once there are `compact_at` of them. Other caches fall back to `select`.
+        """
+        order = swap_remove_order(self.batch_size, rows)
+        if not self.growable or not order:
+            kept = [i for i in range(self.batch_size) if i not in set(rows)]
+            new = self.select(kept) if kept else self
+            self.attention_mask, self.positions = new.attention_mask, new.positions
+            return kept
+        for layer in self.cache.layers:
+            layer.remove_rows(rows)
+        idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
+        self.attention_mask = self.attention_mask.index_select(0, idx)
+        self.positions = self.positions.index_select(0, idx)
+        used = self.attention_mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start >= compact_at:
+            for layer in self.cache.layers:
+                layer.drop_leading(start)
+            self.attention_mask = self.attention_mask[:, start:]
+        return order
+
+    def extend(self, others: Sequence[DecodeState]) -> bool:
+        """Append the rows of `others` IN PLACE when they fit (growable caches, no longer than this batch);
+        returns False (nothing changed) otherwise, and the caller uses `merge`."""
+        length = self.attention_mask.shape[1]
+        if not self.growable or any(not o.growable or o.attention_mask.shape[1] > length for o in others):
+            return False
+        for other in others:
+            for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+                layer.append_rows(new.keys, new.values)
+            pad = length - other.attention_mask.shape[1]
+            mask = nn.functional.pad(other.attention_mask, (pad, 0))
+            self.attention_mask = torch.cat([self.attention_mask, mask])
+            self.positions = torch.cat([self.positions, other.positions])
+        return True
 
     @staticmethod
     def merge(states: Sequence[DecodeState]) -> DecodeState:

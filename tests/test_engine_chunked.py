@@ -87,3 +87,63 @@ def test_bad_chunks_and_missing_features_are_refused(tiny):
             prefill_chunk(tiny.model, row, 2, 4, None)
         with pytest.raises(ValueError, match="image placeholder tokens but 0 image feature rows"):
             prefill_chunk(tiny.model, RowInput(row.input_ids, None, None), 0, 4, None)
+
+
+@torch.inference_mode()
+def test_rows_join_and_leave_in_place_like_each_row_alone(tiny):
+    """`DecodeState.extend` / `remove_rows` (one row copied per join or leave, swap-remove order, leading
+    positions compacted) give every row the logits it has alone."""
+    rows = make_rows(tiny)
+    steps = 7
+
+    def alone(row):
+        logits, state = prefill_chunk(tiny.model, row, 0, int(row.input_ids.shape[0]))
+        out = [logits[0]]
+        for _ in range(steps):
+            out.append(decode_step(tiny.model, state, out[-1].argmax()[None])[0])
+        return out
+
+    reference = [alone(row) for row in rows]
+    got: dict[int, list[torch.Tensor]] = {}
+    state, order = None, []  # order[i] = which row sits at batch position i
+
+    def join(i):
+        nonlocal state
+        logits, row_state = prefill_chunk(tiny.model, rows[i], 0, int(rows[i].input_ids.shape[0]))
+        got[i] = [logits[0]]
+        if state is None:
+            state = row_state
+        else:
+            assert state.extend([row_state]) or i == 3  # row 3 is the longest: it may not fit in place
+            if len(order) + 1 != state.batch_size:
+                state = DecodeState.merge([state, row_state])
+        order.append(i)
+
+    def step():
+        tokens = torch.stack([got[i][-1].argmax() for i in order])
+        logits = decode_step(tiny.model, state, tokens)
+        for pos, i in enumerate(order):
+            got[i].append(logits[pos])
+
+    join(1)
+    join(0)
+    step()
+    join(2)
+    step()
+    new_order = state.remove_rows([0], compact_at=1)  # row 1 leaves (it sat first): the last row moves up
+    order[:] = [order[k] for k in new_order]
+    assert order == [2, 0]
+    step()
+    join(3)
+    for _ in range(steps):
+        step()
+        done = [pos for pos, i in enumerate(order) if len(got[i]) > steps]
+        if done:
+            new_order = state.remove_rows(done, compact_at=1)
+            order[:] = [order[k] for k in new_order]
+        if not order:
+            break
+    for i, ref in enumerate(reference):
+        n = min(len(ref), len(got[i]))
+        assert n >= 3
+        assert torch.allclose(torch.stack(got[i][:n]), torch.stack(ref[:n]), atol=ATOL), i

@@ -40,8 +40,8 @@ class ModelOps(Protocol):
         """Join row states into one batch state (consumes them)."""
         ...
 
-    def select(self, state: Any, rows: Sequence[int]) -> Any:
-        """Keep `rows` of a batch state, in that order."""
+    def remove_rows(self, state: Any, rows: Sequence[int]) -> list[int]:
+        """Drop `rows` of a batch state in place; returns the old index of each remaining row, in order."""
         ...
 
     def decode_step(self, state: Any, tokens: Tensor) -> Tensor:
@@ -71,10 +71,13 @@ class LlavaOps:
         return prefill_chunk(self.model, row, start, end, state)
 
     def merge(self, states: Sequence[DecodeState]) -> DecodeState:
+        """In place into the first state when the rows fit (one row copied each), else re-packed."""
+        if len(states) > 1 and states[0].extend(states[1:]):
+            return states[0]
         return DecodeState.merge(states)
 
-    def select(self, state: DecodeState, rows: Sequence[int]) -> DecodeState:
-        return state.select(rows)
+    def remove_rows(self, state: DecodeState, rows: Sequence[int]) -> list[int]:
+        return state.remove_rows(rows)
 
     def decode_step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         return decode_step(self.model, state, tokens.to(self.device))

@@ -99,10 +99,12 @@ class ModelRunner:
         gone = set(request_ids)
         for request_id in gone:
             self._rows.pop(request_id, None)
-        keep = [i for i, rid in enumerate(self._batch_ids) if rid not in gone]
-        if len(keep) != len(self._batch_ids):
-            self._batch_ids = [self._batch_ids[i] for i in keep]
-            self._batch = self.ops.select(self._batch, keep) if keep else None
+        drop = [i for i, rid in enumerate(self._batch_ids) if rid in gone]
+        if len(drop) == len(self._batch_ids):
+            self._batch, self._batch_ids = None, []
+        elif drop:
+            order = self.ops.remove_rows(self._batch, drop)
+            self._batch_ids = [self._batch_ids[i] for i in order]
 
     def reset(self) -> None:
         """Forget everything (after an engine-level fault)."""
