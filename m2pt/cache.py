@@ -109,6 +109,15 @@ class GrowableLayer(DynamicLayer):
         self._rows += count
         self._publish()
 
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on (undo a failed step's writes)."""
+        self._length = min(self._length, length)
+        self._publish()
+
     def reset(self) -> None:
         self._key_buf = self._value_buf = None
         self._rows = self._length = 0

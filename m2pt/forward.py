@@ -13,6 +13,7 @@ functions under `torch.inference_mode()` and then `decode_step`. This module doe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -195,6 +196,27 @@ class DecodeState:
             self.attention_mask = torch.cat([self.attention_mask, mask])
             self.positions = torch.cat([self.positions, other.positions])
         return True
+
+    def checkpoint(self) -> tuple[Tensor, Tensor, list[int]] | None:
+        """What `rollback` needs to undo a decode step that raised half-way (None: not undoable)."""
+        if not self.growable:
+            return None
+        return self.attention_mask, self.positions, [layer.length for layer in self.cache.layers]
+
+    def rollback(self, checkpoint: tuple[Tensor, Tensor, list[int]]) -> None:
+        """Back to `checkpoint` (the positions a failed step wrote are forgotten)."""
+        self.attention_mask, self.positions, lengths = checkpoint
+        for layer, length in zip(self.cache.layers, lengths, strict=True):
+            layer.truncate(length)
+
+    def row_copy(self, row: int) -> DecodeState:
+        """A one-row copy of row `row` (its own cache; for retrying one row alone)."""
+        cache = copy.copy(self.cache)
+        cache.layers = [
+            GrowableLayer(layer.keys[row : row + 1], layer.values[row : row + 1])
+            for layer in self.cache.layers
+        ]
+        return DecodeState(cache, self.attention_mask[row : row + 1], self.positions[row : row + 1])
 
     @staticmethod
     def merge(states: Sequence[DecodeState]) -> DecodeState:

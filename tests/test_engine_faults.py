@@ -26,6 +26,7 @@ class FaultyOps(LlavaOps):
         super().__init__(model, device)
         self.poison_id = poison_id
         self.fail_decodes = 0
+        self.poison_position: int | None = None  # a decode step with a row at this position raises
 
     def prefill_chunk(self, row, start, end, state):
         if bool((row.input_ids[start:end] == self.poison_id).any()):
@@ -36,6 +37,8 @@ class FaultyOps(LlavaOps):
         if self.fail_decodes:
             self.fail_decodes -= 1
             raise RuntimeError("injected decode fault")
+        if self.poison_position is not None and bool((state.positions == self.poison_position).any()):
+            raise RuntimeError("injected decode fault of one row")
         return super().decode_step(state, tokens)
 
 
@@ -86,6 +89,25 @@ def test_a_row_whose_prefill_raises_fails_alone(tiny):
     assert len({t for t, _ in without}) > 1
     assert rows_left == 0 and running_left == 0, "a finished or failed row was left in the runner"
     assert engine.stats()["recent_faults"] == 1
+
+
+def test_a_row_whose_decode_raises_fails_alone(tiny):
+    """A batched decode step raises because of one row: it is undone, the row is found by trying each alone,
+    and the others continue exactly as without it."""
+    clean, _ = make_engine(tiny)
+    without, _, _ = asyncio.run(run_all(clean, [request(r, w) for r, w in GOOD]))
+    engine, ops = make_engine(tiny)
+    long_words = " ".join(["what is this ?"] * 8)  # longer than any other row can ever get
+    bad = request("b", long_words)
+    ops.poison_position = engine.preprocessor.prepare(bad, None).num_tokens + 3  # its 4th decode step
+    mixed = [request(*GOOD[0]), bad, request(*GOOD[1]), request(*GOOD[2])]
+    got, rows_left, running_left = asyncio.run(run_all(engine, mixed))
+    text_b, final_b = got[1]
+    assert final_b.finish_reason == "error" and "decode" in final_b.error
+    assert final_b.completion_tokens == 4 and text_b  # what it streamed before the fault stands
+    assert [t for t, _ in got[:1] + got[2:]] == [t for t, _ in without]
+    assert [f.finish_reason for _, f in got[:1] + got[2:]] == ["length"] * 3
+    assert rows_left == 0 and running_left == 0
 
 
 # ---------------------------------------------------------------- over HTTP

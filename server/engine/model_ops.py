@@ -48,6 +48,16 @@ class ModelOps(Protocol):
         """One token per row ([B] long) -> next-token logits [B, V]; advances `state`."""
         ...
 
+    def checkpoint(self, state: Any) -> Any:
+        """What `rollback` needs to undo a decode step that raised (None when it cannot be undone)."""
+        ...
+
+    def rollback(self, state: Any, checkpoint: Any) -> None: ...
+
+    def row_copy(self, state: Any, row: int) -> Any:
+        """A one-row copy of `row` of a batch state (to retry it alone)."""
+        ...
+
 
 class LlavaOps:
     """`ModelOps` of `LlavaForConditionalGeneration` over the core's one implementation (`m2pt.forward`)."""
@@ -78,6 +88,15 @@ class LlavaOps:
 
     def remove_rows(self, state: DecodeState, rows: Sequence[int]) -> list[int]:
         return state.remove_rows(rows)
+
+    def checkpoint(self, state: DecodeState) -> Any:
+        return state.checkpoint()
+
+    def rollback(self, state: DecodeState, checkpoint: Any) -> None:
+        state.rollback(checkpoint)
+
+    def row_copy(self, state: DecodeState, row: int) -> DecodeState:
+        return state.row_copy(row)
 
     def decode_step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         return decode_step(self.model, state, tokens.to(self.device))

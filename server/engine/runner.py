@@ -3,8 +3,9 @@
 tensor work goes through one `ModelOps` object (the model family's adapter).
 
 Failure isolation: an image encode or a prompt chunk that raises fails only its own request (its state is
-dropped, the others run on untouched). A batched decode step that raises cannot be pinned on one row, so every
-row of that decode fails and the batch is dropped (rows being prefilled go on). Anything else that escapes
+dropped, the others run on untouched). A batched decode step that raises is undone and each row is tried alone
+on a copy; the rows that raise alone fail, the others decode again without them (so they produce what they
+would have without the failing row). Anything else that escapes
 `execute` is an engine-level fault: the engine then fails every admitted request and calls `reset()`.
 Not thread-safe: only the engine loop thread calls it.
 """
@@ -184,21 +185,48 @@ class ModelRunner:
             )
         if not self._batch_ids:
             return
+        checkpoint = self.ops.checkpoint(self._batch)
+        try:
+            self._decode_batch(result)
+            return
+        except Exception:
+            log.exception("decode step of %d rows failed; retrying the rows one by one", len(self._batch_ids))
+        bad = self._find_failing_rows(checkpoint)
+        for rid in bad:
+            result.failed[rid] = "the model failed on this request during decode"
+        self.free(bad)
+        if self._batch_ids:
+            try:
+                self._decode_batch(result)
+            except Exception:
+                log.exception("decode failed again without the failing rows; failing the batch")
+                for rid in self._batch_ids:
+                    result.failed[rid] = "the model failed on this request during decode"
+                self.free(list(self._batch_ids))
+
+    def _decode_batch(self, result: RunnerOutput) -> None:
         rows = [self._rows[rid] for rid in self._batch_ids]
         tokens = torch.tensor([rs.last_token for rs in rows], dtype=torch.long)
-        try:
-            logits = self.ops.decode_step(self._batch, tokens).float()  # [B, V]
-            sampled = self._sample(logits, [rs.sampling for rs in rows], [rs.generator for rs in rows])
-        except Exception:
-            log.exception("decode step of %d rows failed; failing those rows", len(rows))
-            for rid in list(self._batch_ids):
-                result.failed[rid] = "the model failed on this request during decode"
-                self._rows.pop(rid, None)
-            self._batch, self._batch_ids = None, []
-            return
+        logits = self.ops.decode_step(self._batch, tokens).float()  # [B, V]
+        sampled = self._sample(logits, [rs.sampling for rs in rows], [rs.generator for rs in rows])
         for rid, rs, token in zip(self._batch_ids, rows, sampled, strict=True):
             rs.last_token = token
             result.sampled[rid] = token
+
+    def _find_failing_rows(self, checkpoint: Any) -> list[str]:
+        """After a failed batched decode: undo it and run each row alone on a copy; the rows that raise alone
+        (all of them when the step cannot be undone or no row raises alone) are the failing ones."""
+        if checkpoint is None:
+            return list(self._batch_ids)
+        self.ops.rollback(self._batch, checkpoint)
+        bad = []
+        for i, rid in enumerate(self._batch_ids):
+            token = torch.tensor([self._rows[rid].last_token], dtype=torch.long)
+            try:
+                self.ops.decode_step(self.ops.row_copy(self._batch, i), token)
+            except Exception:
+                bad.append(rid)
+        return bad or list(self._batch_ids)
 
     def _join(self, request_ids: Sequence[str]) -> None:
         """Rows whose prompt is complete join the decode batch (they decode from the next step)."""
