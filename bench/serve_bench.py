@@ -332,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "notes": [
             *args.note,
-            f"Load average (1/5/15 min) of the machine: {load_before} at the start, {load_after} at the end; "
-            f"the run took {time.time() - started:.0f} s; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+            (
+                f"Load average (1/5/15 min) of the machine: {load_before} at the start, {load_after} at the end; "
+                f"the run took {time.time() - started:.0f} s; "
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}."
+            ),
         ],
         "cpu_bound": cpu_bound,
         "results": {k: v.to_json() for k, v in results.items()},
