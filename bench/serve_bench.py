@@ -319,9 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in frozen.model.parameters())
     del frozen
     log.info("cpu bound: %s", cpu_bound)
+    load_before = [round(x, 1) for x in os.getloadavg()]
+    started = time.time()
     results = asyncio.run(
         run_all(args, model_dir, work / "store", bundles, work / "store_rotation", rotation)
     )
+    load_after = [round(x, 1) for x in os.getloadavg()]
     payload = {
         "model": f"random-init LLaVA, {params / 1e6:.0f} M parameters ({args.model_size}), fp32 CPU",
         "command": "python -m bench.serve_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
