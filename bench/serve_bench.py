@@ -146,6 +146,8 @@ def serve_cmd(args, model_dir: Path, store: Path, port: int, extra: list[str]) -
         str(args.max_batch_size),
         "--max-queue",
         "512",
+        "--request-timeout",
+        "3600",  # a slow (contended) run must not turn into timeouts
         *extra,
     ]
 
