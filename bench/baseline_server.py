@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.baseline_engine import HFGenerateBatch1Engine
     from m2pt.loading import load_frozen_llava
     from server.app import create_app
-    from server.engine.wiring import open_store_from_settings
+    from server.engine_settings import open_store_from_settings
     from server.settings import Settings
 
     settings = Settings(model=args.model, store=args.store, port=args.port, max_queue=512)

@@ -12,6 +12,27 @@ from m2pt.prefix import compute_prefix
 from m2pt.prompts import init_prompts
 
 
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` memory bandwidth of a large tensor copy (bytes read + written per second, GB/s)."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step must read: every LLM layer, the final norm and the LM head (the embedding
+    table is read for one row only)."""
+    lm = model.model.language_model
+    params = [p for layer in lm.layers for p in layer.parameters()] + list(lm.norm.parameters())
+    params += list(model.lm_head.parameters())
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def _time(fn, repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -44,6 +65,8 @@ def measure_cpu_bound(
         for _ in range(steps):
             decode_step(model, state, tokens)
         states[size] = (time.perf_counter() - start) / steps
+    bandwidth = copy_bandwidth_gbs()
+    bound_s = decode_weight_bytes(model) / (bandwidth * 1e9)
     alone = prefill_s + max_tokens * states[1]
     batched = prefill_s + max_tokens * states[batch] / batch
     return {
@@ -54,4 +77,8 @@ def measure_cpu_bound(
         f"request_ms_in_batch{batch}": round(batched * 1000, 1),
         "max_batching_speedup": round(alone / batched, 2),
         "prefill_share_of_batched_request": round(prefill_s / batched, 2),
+        "copy_bandwidth_gb_s": round(bandwidth, 2),
+        "decode_weight_mb": round(decode_weight_bytes(model) / 1e6, 1),
+        "decode_bandwidth_bound_ms_batch1": round(bound_s * 1000, 1),
+        "decode_batch1_vs_bandwidth_bound": round(states[1] / bound_s, 2),
     }

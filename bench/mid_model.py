@@ -46,9 +46,16 @@ def build_mid_model(out_dir: Path) -> Path:
 
 
 def build_bundle_store(
-    model_dir: Path, store_dir: Path, count: int, text_len: int = 10, visual_len: int = 10
+    model_dir: Path,
+    store_dir: Path,
+    count: int,
+    text_len: int = 10,
+    visual_len: int = 10,
+    projector: bool = True,
+    prefix: str = "b",
 ) -> list[str]:
-    """Publish `count` random bundles (deep text + visual prompts + projector) named b00, b01, ...; returns names."""
+    """Publish `count` random bundles (deep text + visual prompts, + projector unless `projector=False`) named
+    b00, b01, ... (`prefix` + index); returns the names. Existing ones are kept."""
     from m2pt.loading import load_frozen_llava
     from m2pt.prompts import init_prompts
     from prompts_store.format import save_bundle
@@ -56,15 +63,16 @@ def build_bundle_store(
 
     store = BundleStore(store_dir)
     existing = {info.name for info in store.list()}
-    names = [f"b{i:02d}" for i in range(count)]
+    width = 2 if count <= 100 else len(str(count - 1))
+    names = [f"{prefix}{i:0{width}d}" for i in range(count)]
     if all(n in existing for n in names):
         return names
     frozen = load_frozen_llava(str(model_dir), device="cpu", dtype="float32")
-    projector = frozen.model.model.multi_modal_projector.state_dict()
+    base_projector = frozen.model.model.multi_modal_projector.state_dict() if projector else None
     for i, name in enumerate(names):
         if name in existing:
             continue
-        prompts = init_prompts(frozen.spec, text_len, visual_len, projector, seed=i)
+        prompts = init_prompts(frozen.spec, text_len, visual_len, base_projector, seed=i)
         src = store_dir.parent / f".src_{name}"
         save_bundle(src, prompts, frozen.spec, name, provenance={"dataset": "random (benchmark)"})
         store.publish(src, name)

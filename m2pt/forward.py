@@ -14,6 +14,7 @@ functions under `torch.inference_mode()` and then `decode_step`. This module doe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from torch.func import functional_call
 
 from m2pt import hf
 from m2pt.attention import visual_prefixes
-from m2pt.cache import GrowableLayer, layer_states, set_layer_states
+from m2pt.cache import GrowableLayer, layer_states, set_layer_states, swap_remove_order
 from m2pt.families.base import ImageInput
 from m2pt.prefix import BundlePrefix
 
@@ -187,6 +188,75 @@ class DecodeState:
             )
         return DecodeState(self.cache, mask[:, start:], self.positions.index_select(0, idx))
 
+    @property
+    def growable(self) -> bool:
+        """True when every layer grows in place (serving), so rows can join and leave without re-packing."""
+        layers = self.cache.layers
+        return bool(layers) and all(
+            isinstance(layer, GrowableLayer) and layer.is_initialized for layer in layers
+        )
+
+    def remove_rows(self, rows: Sequence[int], compact_at: int = 128) -> list[int]:
+        """Drop `rows` IN PLACE; returns the old index of each remaining row in its new position.
+
+        Growable caches swap-remove (the last row fills the hole, one row copied); leading positions no row
+        attends to any more are dropped once there are `compact_at` of them. Other caches fall back to `select`.
+        """
+        order = swap_remove_order(self.batch_size, rows)
+        if not self.growable or not order:
+            kept = [i for i in range(self.batch_size) if i not in set(rows)]
+            new = self.select(kept) if kept else self
+            self.attention_mask, self.positions = new.attention_mask, new.positions
+            return kept
+        for layer in self.cache.layers:
+            layer.remove_rows(rows)
+        idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
+        self.attention_mask = self.attention_mask.index_select(0, idx)
+        self.positions = self.positions.index_select(0, idx)
+        used = self.attention_mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start >= compact_at:
+            for layer in self.cache.layers:
+                layer.drop_leading(start)
+            self.attention_mask = self.attention_mask[:, start:]
+        return order
+
+    def extend(self, others: Sequence[DecodeState]) -> bool:
+        """Append the rows of `others` IN PLACE when they fit (growable caches, no longer than this batch);
+        returns False (nothing changed) otherwise, and the caller uses `merge`."""
+        length = self.attention_mask.shape[1]
+        if not self.growable or any(not o.growable or o.attention_mask.shape[1] > length for o in others):
+            return False
+        for other in others:
+            for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+                layer.append_rows(new.keys, new.values)
+            pad = length - other.attention_mask.shape[1]
+            mask = nn.functional.pad(other.attention_mask, (pad, 0))
+            self.attention_mask = torch.cat([self.attention_mask, mask])
+            self.positions = torch.cat([self.positions, other.positions])
+        return True
+
+    def checkpoint(self) -> tuple[Tensor, Tensor, list[int]] | None:
+        """What `rollback` needs to undo a decode step that raised half-way (None: not undoable)."""
+        if not self.growable:
+            return None
+        return self.attention_mask, self.positions, [layer.length for layer in self.cache.layers]
+
+    def rollback(self, checkpoint: tuple[Tensor, Tensor, list[int]]) -> None:
+        """Back to `checkpoint` (the positions a failed step wrote are forgotten)."""
+        self.attention_mask, self.positions, lengths = checkpoint
+        for layer, length in zip(self.cache.layers, lengths, strict=True):
+            layer.truncate(length)
+
+    def row_copy(self, row: int) -> DecodeState:
+        """A one-row copy of row `row` (its own cache; for retrying one row alone)."""
+        cache = copy.copy(self.cache)
+        cache.layers = [
+            GrowableLayer(layer.keys[row : row + 1], layer.values[row : row + 1])
+            for layer in self.cache.layers
+        ]
+        return DecodeState(cache, self.attention_mask[row : row + 1], self.positions[row : row + 1])
+
     @staticmethod
     def merge(states: Sequence[DecodeState]) -> DecodeState:
         """Concatenate batches, left-padding shorter caches and masks (padding is masked, so results are unchanged)."""
@@ -277,6 +347,61 @@ def prefill(
     hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
     state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)  # the cache was filled in place
     return hf.part(model, "lm_head")(hidden), state
+
+
+def chunk_image_features(row: RowInput, start: int, end: int, image_token_id: int) -> Tensor | None:
+    """The rows of `row.image_features` that fill the placeholders in `input_ids[start:end]` ([n, D] or None).
+
+    Placeholders before `start` are counted to find the offset; raises `ValueError` when the row has not as
+    many feature rows as placeholder tokens (checked on the whole row, so the first chunk already refuses
+    it)."""
+    slots = row.input_ids == image_token_id  # [T]
+    have = 0 if row.image_features is None else int(row.image_features.shape[0])
+    want = int(slots.sum())
+    if want != have:
+        raise ValueError(f"{want} image placeholder tokens but {have} image feature rows")
+    before, inside = int(slots[:start].sum()), int(slots[start:end].sum())
+    if inside == 0 or row.image_features is None:
+        return None
+    return row.image_features[before : before + inside]
+
+
+def prefill_chunk(
+    model: nn.Module, row: RowInput, start: int, end: int, state: DecodeState | None = None
+) -> tuple[Tensor, DecodeState]:
+    """Feed the prompt tokens `input_ids[start:end]` of ONE row, appended to its cache (chunked prefill).
+
+    `state` is None for the first chunk (`start == 0`): the row's cache then starts with its bundle's text
+    prefix, exactly as `prefill` builds it. Positions continue where `state` left off, so prefilling a prompt
+    in any chunking gives the same logits as `prefill` on the whole prompt (tests/test_engine_chunked.py,
+    1e-5 fp32). Returns the logits of the chunk's last token [1, V] and the row's state (a batch of one,
+    advanced in place). Inference only (the cache grows in place)."""
+    if (state is None) != (start == 0) or not 0 <= start < end <= int(row.input_ids.shape[0]):
+        raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
+    device = model.lm_head.weight.device
+    ids = row.input_ids[start:end].to(device)[None]  # [1, C]
+    embeds = model.model.get_input_embeddings()(ids)  # [1, C, D]
+    features = chunk_image_features(row, start, end, model.config.image_token_id)
+    if features is not None:
+        slots = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    if state is None:
+        room = int(row.input_ids.shape[0]) + 64
+        cache, mask, next_position = _prefix_cache(model, [row], embeds, room=room)  # mask [1, P]
+    else:
+        cache, mask, next_position = state.cache, state.attention_mask, state.positions
+    chunk = end - start
+    attention_mask = torch.cat([mask, mask.new_ones(1, chunk)], dim=1)  # [1, S+C]
+    position_ids = next_position[:, None] + torch.arange(chunk, device=device)[None]  # [1, C]
+    out = model.model.language_model(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    )
+    new_state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)
+    return model.lm_head(out.last_hidden_state[:, -1]), new_state
 
 
 def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 `create_app(settings, engine=None, store=None, spec=None)`:
 - with `engine=None` the real `server.engine.engine.Engine` is built in the app's lifespan (never at import
-  time) by `Engine.from_settings(settings, metrics)` in a worker thread, started, and stopped on shutdown;
+  time) by `server.engine_settings.engine_from_settings(settings, metrics)` in a worker thread, started, and
+  stopped on shutdown;
 - with an injected engine (any `EngineClient`; API tests), that engine is used as is: not started or stopped
   here; `store` and `spec` (the bundle store and the served model's spec) are then the ops routes' own.
 
@@ -120,11 +121,11 @@ def _lifespan(settings: Settings, metrics: ServerMetrics, injected):
             return
         settings.check_paths()
         from m2pt.families.base import UnsupportedModelError
-        from server.engine.engine import Engine
+        from server.engine_settings import engine_from_settings
 
         log.info("loading model %s (device %s, dtype %s)", settings.model, settings.device, settings.dtype)
         try:  # the startup gate (m2pt.loading): config, weights, module shapes, smoke prefill; before /ready
-            engine = await run_in_threadpool(Engine.from_settings, settings, metrics)
+            engine = await run_in_threadpool(engine_from_settings, settings, metrics)
         except UnsupportedModelError as exc:
             log.error("m2pt serve: refusing to serve this model: %s", exc)
             raise

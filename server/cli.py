@@ -36,6 +36,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--max-batch-size", "max_batch_size", {"type": int}),
     ("--max-queue", "max_queue", {"type": int}),
     ("--max-bundles-per-batch", "max_bundles_per_batch", {"type": int}),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),
     ("--max-resident-bundles", "max_resident_bundles", {"type": int}),
     ("--image-cache-size", "image_cache_size", {"type": int}),
     ("--request-timeout", "request_timeout_s", {"type": float, "metavar": "SECONDS"}),

@@ -42,6 +42,18 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.step_tokens = Histogram(
+            "m2pt_engine_step_tokens",
+            "Tokens scheduled per engine step (decode rows + prompt chunks + image encodes)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=r,
+        )
+        self.engine_faults = Counter(
+            "m2pt_engine_faults",
+            "Model faults: a request's step raised (scope=row) or a whole step failed (scope=step)",
+            ["scope"],
+            registry=r,
+        )
         self.bundle_loads = Counter("m2pt_bundle_loads", "Bundles loaded onto the device", registry=r)
         self.bundle_evictions = Counter(
             "m2pt_bundle_evictions", "Bundles evicted from the device", registry=r

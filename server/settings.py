@@ -85,6 +85,13 @@ class Settings(BaseModel):
     max_bundles_per_batch: int | None = Field(
         None, ge=1, description="distinct bundles per decode step (None = unlimited; 1 = one bundle per step)"
     )
+    max_num_batched_tokens: int = Field(
+        128,
+        ge=1,
+        le=1_000_000,
+        description="per-step token budget shared by decode rows (1 each) and prompt chunks / image encodes "
+        "(raised to max_batch_size if lower; sized for CPU, raise it on a GPU)",
+    )
     max_resident_bundles: int = Field(
         32, ge=1, le=100_000, description="bundle prefixes kept on the device (LRU)"
     )

@@ -21,3 +21,14 @@ def strong_prompts(tiny, text_len: int, visual_len: int, projector: bool, seed: 
             k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in prompts.projector.items()
         }
     return prompts
+
+
+def row_tokens(tiny, words: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `<s> user : <image>*N words assistant :` ([T] long) and a random image ([3, H, W])."""
+    tok = tiny.processor.tokenizer
+    n_img = tiny.spec.num_image_tokens
+    ids = [1] + tok.convert_tokens_to_ids(["user", ":"]) + [tiny.spec.image_token_id] * n_img
+    ids += tok.convert_tokens_to_ids(words) + tok.convert_tokens_to_ids(["assistant", ":"])
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(3, tiny.spec.image_size, tiny.spec.image_size, generator=gen)
+    return torch.tensor(ids), pixels

@@ -78,19 +78,6 @@ ALLOWED_EDGES: dict[tuple[str, str], str] = {
     "demo's scene generator (lazy import inside `synthetic_records`)",
 }
 
-# TEMPORARY, for the lead: violations that exist on the `rules` branch only because server/engine/ is being
-# rewritten by the `engine` branch (which removes wiring.py). Delete these entries after merging `engine`;
-# `test_temporary_allowances_are_still_needed` fails once they are stale, as a reminder.
-TEMPORARY_ENGINE_EDGES: dict[tuple[str, str], str] = {
-    (
-        "server.engine.wiring",
-        "server.settings",
-    ): "wiring reads DEMO_MODEL_DIR (engine branch: factory outside)",
-}
-TEMPORARY_ENGINE_CYCLES: list[frozenset[str]] = [
-    frozenset({"server.engine.engine", "server.engine.wiring"}),  # Engine.from_settings <-> wiring
-]
-
 
 @dataclass(frozen=True)
 class Edge:
@@ -281,7 +268,7 @@ def test_every_import_of_ours_names_a_module():
 
 
 def test_imports_follow_the_layers(edges):
-    tolerated = ALLOWED_EDGES | TEMPORARY_ENGINE_EDGES
+    tolerated = ALLOWED_EDGES
     bad = [
         f"{e.importer} -> {e.imported} (line {e.line}{', TYPE_CHECKING' if e.type_only else ''}): {rule.why}"
         for e, rule in violations(edges)
@@ -291,18 +278,15 @@ def test_imports_follow_the_layers(edges):
 
 
 def test_no_import_cycles(edges):
-    found = [sorted(c) for c in cycles(edges) if c not in TEMPORARY_ENGINE_CYCLES]
+    found = [sorted(c) for c in cycles(edges)]
     assert found == [], f"import cycles (imports inside functions count): {found}"
 
 
-def test_temporary_allowances_are_still_needed(edges):
-    """Fails once the engine rewrite is merged: then delete the TEMPORARY_ENGINE_* entries."""
+def test_allowances_are_still_needed(edges):
+    """An allowed edge that no longer exists is stale: delete it, so the list stays the set of real exceptions."""
     present = {(e.importer, e.imported) for e, _ in violations(edges)}
-    stale = [k for k in list(ALLOWED_EDGES) + list(TEMPORARY_ENGINE_EDGES) if k not in present]
-    stale_cycles = [sorted(c) for c in TEMPORARY_ENGINE_CYCLES if c not in cycles(edges)]
-    assert stale == [] and stale_cycles == [], (
-        f"delete these allowances, they no longer apply: {stale} {stale_cycles}"
-    )
+    stale = [k for k in ALLOWED_EDGES if k not in present]
+    assert stale == [], f"delete these allowances, they no longer apply: {stale}"
 
 
 def _write(root: Path, files: dict[str, str]) -> None:

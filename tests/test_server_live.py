@@ -321,3 +321,74 @@ def test_twenty_concurrent_uploads_lose_nothing(live, tiny, tmp_path):
     assert len(listing["versions"]) == 20
     for version in sorted(versions)[:3]:
         assert chat(live.url, f"many@{version}", 1).status_code == 200
+
+
+# ---------------------------------------------------------------- inputs the model cannot take: 400 before queueing
+def test_image_placeholder_text_is_400_and_a_running_stream_is_untouched(live):
+    """The issue-8 attack: "<image> hi" (no image, or one image), 16 at once, while a stream runs: every one is
+    a 400 that names the problem, the stream ends with exactly the text it has alone."""
+    body = {"instruction": "what is this digit ?", "image": png_data_uri((23, 16)), "max_tokens": 40}
+    body |= {"ignore_eos": True, "stream": True}
+
+    def stream_text():
+        with httpx.stream("POST", live.url + "/v1/chat", json=body, timeout=120) as resp:
+            assert resp.status_code == 200
+            chunks = [json.loads(x[6:]) for x in resp.iter_lines() if x.startswith("data: {")]
+        assert chunks[-1]["finish_reason"] == "length"
+        return "".join(c["text"] for c in chunks)
+
+    alone = stream_text()
+    with futures.ThreadPoolExecutor(17) as pool:
+        running = pool.submit(stream_text)
+        attacks = [
+            pool.submit(
+                lambda i: httpx.post(
+                    live.url + "/v1/chat",
+                    json={"instruction": "<image> hi", **({"image": png_data_uri()} if i % 2 else {})},
+                    timeout=60,
+                ),
+                i,
+            )
+            for i in range(16)
+        ]
+        answers = [a.result() for a in attacks]
+        assert running.result() == alone
+    for resp in answers:
+        assert resp.status_code == 400, resp.text
+        assert "'<image>'" in resp.json()["error"]["message"]
+    assert finished(live.url, "error") == 0
+
+
+@pytest.mark.parametrize(
+    "messages, needle",
+    [
+        (
+            [
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "IMG"}}]},
+                {"role": "user", "content": "what is this digit ?"},
+            ],
+            "user messages only",
+        ),
+        ([{"role": "user", "content": "what <image> is this ?"}], "'<image>'"),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "<image>"}],
+                }
+            ],
+            "'<image>'",
+        ),
+    ],
+)
+def test_openai_inputs_the_model_cannot_take_are_400(live, messages, needle):
+    for message in messages:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    part["image_url"]["url"] = png_data_uri()
+    resp = httpx.post(
+        live.url + "/v1/chat/completions", json={"model": "alpha", "messages": messages}, timeout=60
+    )
+    assert resp.status_code == 400, resp.text
+    assert needle in resp.json()["error"]["message"]

@@ -4,8 +4,11 @@ the engine request, and `EngineStream`, which races every engine event against t
 `EngineStream` contract: `open_stream` calls `engine.generate` and waits for the FIRST event, so the errors
 the engine raises before generating (unknown bundle 404, queue full 429, not ready 503, bad bundle 4xx) reach
 the error handler while an HTTP status can still be sent. If the client disconnects first — while queued or
-mid-answer — the wait ends with `ClientDisconnected` (recorded as status 499). Whatever happens, `aclose()`
-closes the engine iterator (shielded from cancellation), which aborts the request and frees its batch slot.
+mid-answer — the wait ends with `ClientDisconnected` (recorded as status 499). An engine event with finish
+reason "error" is raised as `RequestFailedError` (500): before the first event that is a JSON error, after it
+the routes send an SSE error event and `[DONE]`, so a failed request is never a 200 success. `aclose()`
+(whatever happens) closes the engine iterator (shielded from cancellation), which aborts the request and frees
+its batch slot.
 This module formats no responses; `routes_chat` and `routes_openai` do.
 """
 
@@ -22,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import ApiError
 from server.api.middleware import STATE_BUNDLE, STATE_STATUS
-from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
+from server.engine.errors import RequestFailedError
+from server.engine.types import FINISH_ERROR, GenerationRequest, SamplingParams, StreamEvent
 from server.images import load_image
 from server.settings import Settings
 
@@ -167,6 +171,10 @@ class EngineStream:
             return None
         if event.finish_reason is not None:
             self._finished = True
+        if event.finish_reason == FINISH_ERROR:
+            raise RequestFailedError(
+                f"{event.error or 'the model failed on this request'}; it was not retried"
+            )
         return event
 
     async def __aiter__(self) -> AsyncIterator[StreamEvent]:

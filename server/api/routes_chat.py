@@ -4,7 +4,7 @@ Request: `server.api.protocol.ChatRequest`. Answer: `{"id", "bundle", "text", "f
 {"prompt_tokens", "completion_tokens"}}`, `bundle` being the resolved "name@version" (null for the base
 model). With `"stream": true` the answer is SSE: one `data: {"id", "bundle", "text": <delta>, "finish_reason":
 null}` per piece, the last carrying `finish_reason` and `usage`, then `data: [DONE]`. An error after streaming
-began is sent as `data: {"error": {...}}` before `[DONE]`.
+began (a model failure included) is sent as `data: {"error": {...}}` before `[DONE]`.
 
 The route is thin: check, decode the image in a worker thread, build a `GenerationRequest`, relay engine
 events. It never falls back to the base model when a named bundle is unknown (the engine's 404 is passed on).

@@ -8,7 +8,8 @@
 - `stream: true` gives `chat.completion.chunk` SSE events ending with `data: [DONE]`; with
   `stream_options.include_usage` a final chunk with empty `choices` carries the usage.
 - `finish_reason` is the engine's: "stop", "length", or "timeout"/"abort" when the server cut the answer
-  short.
+  short. A request the model failed on is a 500 (`engine_error`), or, once streaming, an SSE error event
+  before `[DONE]`.
 
 The official `openai` Python client works against these routes unchanged (tested in tests/test_api_openai.py).
 """

@@ -14,23 +14,16 @@ from server.engine.types import GenerationRequest, StreamEvent
 
 
 def _engine_from_settings():
-    """`Settings, metrics -> Engine` of whichever engine surface this tree has (the redesigned engine's
-    `server.engine_settings.engine_from_settings`, or the current `Engine.from_settings`)."""
-    try:
-        from server.engine_settings import engine_from_settings  # type: ignore[import-not-found]
-    except ImportError:
-        from server.engine.engine import Engine
+    """`Settings, metrics -> Engine`: the single-process server's own factory."""
+    from server.engine_settings import engine_from_settings
 
-        return Engine.from_settings
     return engine_from_settings
 
 
 def open_store(settings):
     """(BundleStore at `settings.store`, the limits every bundle must meet): the same as the engine's."""
-    try:
-        from server.engine_settings import open_store_from_settings  # type: ignore[import-not-found]
-    except ImportError:
-        from server.engine.wiring import open_store_from_settings
+    from server.engine_settings import open_store_from_settings
+
     return open_store_from_settings(settings)
 
 

@@ -17,8 +17,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from m2pt.prefix import BundlePrefix
+if TYPE_CHECKING:  # no torch at import time: the engine core is tested without it
+    from m2pt.prefix import BundlePrefix
 
 log = logging.getLogger(__name__)
 

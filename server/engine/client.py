@@ -23,5 +23,7 @@ class EngineClient(Protocol):
 
         Raises before the first event: `prompts_store.errors.BundleNotFoundError` (unknown bundle, never a fallback
         to the base model), a bundle validation error, `QueueFullError`, `EngineNotReadyError`, `PromptTooLongError`.
-        Closing the iterator early (client gone) aborts the request and frees its batch slot.
+        Closing the iterator early (client gone) aborts the request and frees its batch slot. The last event has
+        `finish_reason` in `server.engine.types.FINISH_REASONS`; "error" (with `StreamEvent.error`) means the
+        model failed on this request, which the API turns into a 5xx, never a 200.
         """

@@ -1,123 +1,79 @@
-"""The serving engine: an asyncio front (`generate`) over one background loop thread that runs continuous batching.
+"""The serving engine: an asyncio front (`generate`) over one background loop thread running `step()`.
 
-    API coroutine ──generate()──► resolve bundle (store) ─► pin prefix (residency, loads in a worker thread)
-                                  ─► tokenise (worker thread) ─► Scheduler.add ─► await events
-    loop thread: Scheduler.schedule() ─► ModelRunner.prefill(new rows) ─► ModelRunner.decode(all rows)
-                 ─► sample, detokenise, emit events ─► drop finished rows
+    API coroutine ──generate()──► resolve bundle (store) ─► pin prefix (residency; loads in a worker thread)
+                                  ─► tokenise + validate (worker thread; 400s here) ─► Scheduler.add ─► events
+    loop thread:  step() = scheduler.schedule() ─► runner.execute(out) ─► scheduler.update_from_output(out, res)
+                           ─► output processor emits every touched request's text / final event
 
-Rows of one forward pass may use different bundles (or none). The loop never waits for a bundle load or for
-tokenisation: those happen before a request is queued. Closing `generate`'s iterator aborts the request.
+The scheduler owns each request's record and decides every way it ends; the runner owns tensors; the output
+processor detokenises. All collaborators are injected (`server.engine.factory.build_engine` builds the real
+ones). A model fault fails only the requests it hit (finish reason "error"); faults are counted, and
+`fault_threshold` of them within `fault_window_s` make `ready` False until the window passes. When nothing can
+run, the loop blocks until a request arrives, is aborted, or a deadline passes (no busy loop).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineNotReadyError
+from server.engine.outputs import OutputProcessor
+from server.engine.request import Request
+from server.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from server.engine.types import GenerationRequest, StreamEvent
 
-from server.engine.bundles import BundleResidency, ResidentBundle
-from server.engine.errors import EngineNotReadyError, QueueFullError
-from server.engine.preprocess import Preprocessor
-from server.engine.runner import ModelRunner, PreparedRow
-from server.engine.sampling import make_generator, sample_batch
-from server.engine.scheduler import QueueFull, ScheduledSeq, Scheduler
-from server.engine.text import IncrementalText
-from server.engine.types import GenerationRequest, SamplingParams, StreamEvent
+if TYPE_CHECKING:
+    from server.engine.bundles import BundleResidency
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class EngineConfig:
-    """Engine limits. `max_bundles_per_batch=None` lets every row use a different bundle."""
-
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_bundles_per_batch: int | None = None
-    max_prefill_rows: int = 8
-    max_resident_bundles: int = 32
-    image_cache_size: int = 256
-    request_timeout_s: float | None = 120.0
-
-
-@dataclass
-class LiveSeq:
-    """Loop-side state of one admitted or waiting request."""
-
-    request: GenerationRequest
-    sched: ScheduledSeq
-    row: PreparedRow
-    bundle_label: str | None
-    text: IncrementalText
-    emit: object  # Callable[[StreamEvent], None], thread-safe
-    eos_ids: frozenset[int]
-    generator: torch.Generator | None
-    last_token: int = -1
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    done: bool = False
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.request.sampling
+IDLE_WAIT_S = 1.0  # longest sleep when nothing can run (deadlines wake the loop earlier)
+FAULT_MESSAGE = "the engine failed while running this request"
 
 
 class Engine:
-    """Implements `server.engine.client.EngineClient` on a real model."""
+    """Implements `server.engine.client.EngineClient`. `runner` needs `execute(out) -> RunnerOutput` and
+    `reset()`; `preprocessor` needs `prepare(request, entry) -> PreparedRow` and `eos_ids`."""
 
     def __init__(
         self,
-        frozen,
-        store,
+        *,
         config: EngineConfig,
-        metrics=None,
-        bundle_limits=None,
-        model_id: str | None = None,
-    ):
-        self.frozen, self.store, self.config, self.metrics = frozen, store, config, metrics
-        self._model_id = model_id or frozen.spec.model_id
-        # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
-        self.spec = dataclasses.replace(frozen.spec, model_id=self._model_id)
-        self.bundle_limits = bundle_limits
-        self.runner = ModelRunner(frozen, config.image_cache_size, metrics)
-        self.scheduler = Scheduler(
-            config.max_batch_size, config.max_queue, config.max_bundles_per_batch, config.max_prefill_rows
-        )
-        self.residency = BundleResidency(self._load_prefix, config.max_resident_bundles, metrics)
-        self.preprocessor = Preprocessor(frozen)
-        self._seqs: dict[str, LiveSeq] = {}  # every queued or running request (API + loop threads)
-        self._running: dict[str, LiveSeq] = {}  # rows of the running batch (loop thread only)
-        self._seqs_lock = threading.Lock()
+        scheduler: Scheduler,
+        runner: Any,
+        preprocessor: Any,
+        outputs: OutputProcessor,
+        residency: BundleResidency | None,
+        store: Any,
+        model_id: str,
+        spec: Any = None,
+        bundle_limits: Any = None,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config, self.scheduler, self.runner = config, scheduler, runner
+        self.preprocessor, self.outputs, self.residency = preprocessor, outputs, residency
+        self.store, self.spec, self.bundle_limits, self.metrics = store, spec, bundle_limits, metrics
+        self._model_id = model_id
+        self._clock = clock
+        self._faults: deque[float] = deque()
+        self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
-    # ------------------------------------------------------------------ construction and lifecycle
-    @classmethod
-    def from_settings(cls, settings, metrics=None) -> Engine:
-        """Load the model named by `settings.model` and open `settings.store` (blocking; call from the lifespan)."""
-        from m2pt.loading import load_frozen_llava
-        from server.engine.wiring import (
-            engine_config_from_settings,
-            open_store_from_settings,
-            served_model_id,
-        )
-
-        store, limits = open_store_from_settings(settings)  # checks paths before the (slow) model load
-        frozen = load_frozen_llava(str(settings.model), device=settings.device, dtype=settings.dtype)
-        return cls(
-            frozen, store, engine_config_from_settings(settings), metrics, limits, served_model_id(settings)
-        )
-
+    # ------------------------------------------------------------------ lifecycle
     @property
     def ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        """The loop runs and fewer than `fault_threshold` faults happened in the last `fault_window_s`."""
+        alive = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return alive and self.recent_faults() < self.config.fault_threshold
 
     @property
     def base_model_id(self) -> str:
@@ -135,202 +91,144 @@ class Engine:
         self.scheduler.wake()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        with self._seqs_lock:
-            leftover = list(self._seqs.values())
-        for seq in leftover:
-            self._finish(seq, "abort")
+        self.scheduler.abort_all()
+        self._emit_touched()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (it ends with "abort" at the next step); closing `generate`'s iterator does the same."""
+        self.scheduler.abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "waiting": self.scheduler.num_waiting,
+            "running": self.scheduler.num_running,
+            "steps": self._steps,
+            "recent_faults": self.recent_faults(),
+            "ready": self.ready,
+        }
+
+    def recent_faults(self) -> int:
+        horizon = self._clock() - self.config.fault_window_s
+        while self._faults and self._faults[0] < horizon:
+            self._faults.popleft()
+        return len(self._faults)
 
     # ------------------------------------------------------------------ API side
     async def generate(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        """See `EngineClient.generate`. Raises before the first event for unknown bundles, full queue, bad input."""
+        """See `EngineClient.generate`. Raises before the first event for unknown bundles, a full queue and every
+        input the model cannot take (400s); a model failure ends the stream with finish_reason "error"."""
         if not self.ready:
-            raise EngineNotReadyError("the engine is not running yet; retry when /ready answers 200")
+            raise EngineNotReadyError(
+                "the engine is not running or is failing; retry when /ready answers 200"
+            )
         ref = self.store.resolve(request.bundle) if request.bundle else None
-        entry = await self.residency.acquire(ref) if ref is not None else None
+        entry = await self.residency.acquire(ref) if ref is not None and self.residency is not None else None
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        seq: LiveSeq | None = None
+        record: Request | None = None
         try:
-            seq = await self._admit(request, entry, ref, events)
+            row = await asyncio.to_thread(self.preprocessor.prepare, request, entry)
+            record = self._record(request, row, None if ref is None else ref.label, events)
+            self.scheduler.add(record)
+            self._set_gauges()
             while True:
                 event = await events.get()
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
-            if seq is not None and not seq.done:
+            if record is not None and not record.is_finished:
                 self.scheduler.abort(request.request_id)
-            if entry is not None:
+            if entry is not None and self.residency is not None:
                 self.residency.release(entry)
 
-    async def _admit(self, request, entry: ResidentBundle | None, ref, events: asyncio.Queue) -> LiveSeq:
-        row = await asyncio.to_thread(self.preprocessor.prepare, request, entry)
+    def _record(self, request: GenerationRequest, row, label: str | None, events: asyncio.Queue) -> Request:
         loop = asyncio.get_running_loop()
 
         def emit(event: StreamEvent) -> None:
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # event loop already closed (shutdown)
+            except RuntimeError:  # the event loop is closed (shutdown)
                 pass
 
         timeout = request.timeout_s or self.config.request_timeout_s
-        sched = ScheduledSeq(
-            request.request_id,
-            row.bundle_key,
-            deadline=None if not timeout else request.arrival + timeout,
-            arrival=request.arrival,
-        )
-        seq = LiveSeq(
-            request=request,
-            sched=sched,
+        record = Request(
+            request_id=request.request_id,
             row=row,
-            bundle_label=None if ref is None else ref.label,
-            text=IncrementalText(self.frozen.processor.tokenizer, request.sampling.stop),
-            emit=emit,
+            sampling=request.sampling,
+            bundle_key=row.bundle_key,
+            bundle_label=label,
             eos_ids=self.preprocessor.eos_ids,
-            generator=make_generator(request.sampling, self.frozen.device),
+            emit=emit,
+            arrival=request.arrival,
+            deadline=None if not timeout else request.arrival + timeout,
         )
-        with self._seqs_lock:
-            self._seqs[request.request_id] = seq
-        try:
-            self.scheduler.add(sched)
-        except QueueFull as exc:
-            with self._seqs_lock:
-                self._seqs.pop(request.request_id, None)
-            raise QueueFullError(f"server busy: {exc}; retry later", retry_after_s=1) from exc
-        self._set_gauges()
-        return seq
+        self.outputs.start(record)
+        return record
 
     # ------------------------------------------------------------------ loop thread
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while not self._stopping.is_set():
-            if not self.scheduler.wait_for_work(timeout=0.1):
-                continue
-            try:
-                self.step()
-            except Exception:  # a model fault: fail the batch, keep serving
-                log.exception("engine step failed; failing the running batch")
-                self._fail_running()
+            if not self.step():
+                self.scheduler.wait_for_change(self._idle_timeout())
 
-    def step(self) -> None:
-        """One iteration: drop aborted/expired rows, prefill admitted rows, decode every running row once."""
+    def _idle_timeout(self) -> float:
+        deadline = self.scheduler.next_deadline()
+        if deadline is None:
+            return IDLE_WAIT_S
+        return min(IDLE_WAIT_S, max(0.0, deadline - self._clock()) + 0.001)
+
+    def step(self) -> bool:
+        """One engine step; False when there was nothing to do (the caller may then wait)."""
         out = self.scheduler.schedule()
-        for sched in out.aborted:
-            self._finish(self._lookup(sched.request_id), "abort")
-        for sched in out.expired:
-            self._finish(self._lookup(sched.request_id), "timeout")
-        admitted = [
-            seq for s in out.admit if (seq := self._lookup(s.request_id)) is not None and not seq.done
-        ]
-        if admitted:
-            started = time.perf_counter()
-            logits = self.runner.prefill([s.row for s in admitted])
-            self._observe_phase("prefill", started)
-            self._running.update({s.request.request_id: s for s in admitted})
-            self._count_prompt_tokens(admitted)
-            self._advance(admitted, logits)
-        self._drop_done()
-        if self.runner.row_ids:
-            running = [self._running[rid] for rid in self.runner.row_ids]
-            started = time.perf_counter()
-            logits = self.runner.decode([s.last_token for s in running])
-            self._observe_phase("decode", started)
-            self._advance(running, logits)
-            self._drop_done()
+        if out.is_empty:
+            self._emit_touched()  # requests that finished while waiting (aborted, expired)
+            return False
+        started = time.perf_counter()
+        result = self._execute(out)
+        self.scheduler.update_from_output(out, result)
+        self._emit_touched()
+        self._steps += 1
+        self._observe_step(out, started)
+        return True
+
+    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
+        try:
+            result = self.runner.execute(out)
+        except Exception:
+            log.exception("engine step failed; failing every admitted request")
+            self._record_fault("step")
+            self.runner.reset()
+            self.scheduler.fail_running(FAULT_MESSAGE)
+            return RunnerOutput()
+        if result.failed:
+            self._record_fault("row", len(result.failed))
+        return result
+
+    def _emit_touched(self) -> None:
+        for record in self.scheduler.take_touched():
+            self.outputs.emit(record)
         self._set_gauges()
 
-    def _lookup(self, request_id: str) -> LiveSeq | None:
-        with self._seqs_lock:
-            return self._seqs.get(request_id)
+    def _record_fault(self, scope: str, count: int = 1) -> None:
+        self._faults.append(self._clock())
+        if self.metrics is not None:
+            self.metrics.engine_faults.labels(scope).inc(count)
 
-    def _drop_done(self) -> None:
-        """Remove finished rows (stop, length, abort, timeout) from the running batch."""
-        done = {rid for rid, seq in self._running.items() if seq.done}
-        if done:
-            self.runner.drop(done)
-            for rid in done:
-                del self._running[rid]
-
-    def _advance(self, seqs: list[LiveSeq], logits) -> None:
-        """Sample one token for each live row of `seqs` (rows of `logits`) and emit it."""
-        tokens = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        now = time.monotonic()
-        for seq, token in zip(seqs, tokens):
-            if seq.done:
-                continue
-            self._observe_token(seq, now)
-            seq.last_token = token
-            if token in seq.eos_ids and not seq.params.ignore_eos:
-                self._finish(seq, "stop")
-                continue
-            seq.tokens.append(token)
-            delta = seq.text.push(token)
-            if seq.text.stopped:
-                self._finish(seq, "stop", delta)
-            elif len(seq.tokens) >= seq.params.max_tokens:
-                self._finish(seq, "length", delta)
-            elif delta:
-                seq.emit(self._event(seq, delta, None))
-
-    def _finish(self, seq: LiveSeq | None, reason: str, delta: str = "") -> None:
-        if seq is None or seq.done:
+    # ------------------------------------------------------------------ metrics
+    def _observe_step(self, out: SchedulerOutput, started: float) -> None:
+        if self.metrics is None:
             return
-        seq.done = True
-        tail = delta + (seq.text.flush() if reason in ("stop", "length") else "")
-        seq.emit(self._event(seq, tail, reason))
-        self.scheduler.finish(seq.request.request_id)
-        with self._seqs_lock:
-            self._seqs.pop(seq.request.request_id, None)
-        if self.metrics is not None:
-            label = seq.bundle_label or "none"
-            self.metrics.generated_tokens.labels(label).inc(len(seq.tokens))
-            self.metrics.finished.labels(label, reason).inc()
-
-    def _fail_running(self) -> None:
-        for seq in list(self._running.values()):
-            self._finish(seq, "error")
-        self._running.clear()
-        self.runner.reset()
-
-    # ------------------------------------------------------------------ helpers
-    def _event(self, seq: LiveSeq, text: str, finish: str | None) -> StreamEvent:
-        return StreamEvent(
-            seq.request.request_id,
-            text,
-            finish,
-            int(seq.row.input_ids.shape[0]),
-            len(seq.tokens),
-            seq.bundle_label,
-        )
-
-    def _observe_token(self, seq: LiveSeq, now: float) -> None:
-        if self.metrics is not None:
-            if seq.first_token_at is None:
-                self.metrics.time_to_first_token.observe(now - seq.request.arrival)
-            else:
-                self.metrics.inter_token_latency.observe(now - seq.last_token_at)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        seq.last_token_at = now
-
-    def _observe_phase(self, phase: str, started: float) -> None:
-        if self.metrics is not None:
-            self.metrics.step_seconds.labels(phase).observe(time.perf_counter() - started)
-
-    def _count_prompt_tokens(self, seqs: list[LiveSeq]) -> None:
-        if self.metrics is not None:
-            for seq in seqs:
-                self.metrics.prompt_tokens.labels(seq.bundle_label or "none").inc(
-                    int(seq.row.input_ids.shape[0])
-                )
+        phase = "prefill" if (out.chunks or out.encode) else "decode"
+        self.metrics.step_seconds.labels(phase).observe(time.perf_counter() - started)
+        self.metrics.step_tokens.observe(out.num_scheduled_tokens)
+        prompt_tokens: dict[str, int] = {}
+        for chunk in out.chunks:
+            label = chunk.bundle_label or "none"
+            prompt_tokens[label] = prompt_tokens.get(label, 0) + chunk.end - chunk.start
+        for label, n in prompt_tokens.items():
+            self.metrics.prompt_tokens.labels(label).inc(n)
 
     def _set_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.scheduler.num_waiting)
-            self.metrics.running_batch_size.set(len(self.runner.row_ids))
-
-    def _load_prefix(self, ref):
-        """Blocking: read + validate the bundle from the store and precompute its prefix (residency's loader)."""
-        loaded = self.store.load(ref, self.spec, self.bundle_limits)
-        with torch.inference_mode():
-            return self.frozen.family.compute_prefix(self.frozen.model, loaded.prompts)
+            self.metrics.running_batch_size.set(self.scheduler.num_running)

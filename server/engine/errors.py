@@ -39,3 +39,11 @@ class InvalidRequestError(EngineError):
 
     status = 400
     error_type = "invalid_request"
+
+
+class RequestFailedError(EngineError):
+    """The model failed on this request after it was accepted (finish reason "error"): a server fault, never
+    the client's. Others in the same batch are unaffected."""
+
+    status = 500
+    error_type = "engine_error"

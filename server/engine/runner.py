@@ -1,46 +1,33 @@
-"""The model side of the engine: owns the frozen model, the running batch's `DecodeState`, and the image-feature
-cache. All tensor work of serving happens here, through the core's one implementation (`m2pt.forward`).
+"""The model side of the engine: `execute(scheduler_output) -> RunnerOutput`. Owns the per-request cached state
+(image features, the cache of a row being prefilled, its sampler) and the running batch's decode state; all
+tensor work goes through one `ModelOps` object (the model family's adapter).
 
-Rows are identified by request id; `prefill` appends rows, `decode` advances every row by one token, `drop`
-removes rows. Not thread-safe: only the engine loop thread calls it. It knows nothing about HTTP, queues or names.
+Failure isolation: an image encode or a prompt chunk that raises fails only its own request (its state is
+dropped, the others run on untouched). A batched decode step that raises is undone and each row is tried alone
+on a copy; the rows that raise alone fail, the others decode again without them (so they produce what they
+would have without the failing row). Anything else that escapes
+`execute` is an engine-level fault: the engine then fails every admitted request and calls `reset()`.
+Not thread-safe: only the engine loop thread calls it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from m2pt.families.base import ImageInput
-from m2pt.forward import DecodeState, RowInput
-from m2pt.loading import FrozenLlava
-from m2pt.prefix import BundlePrefix
+from m2pt.forward import RowInput
+from server.engine.model_ops import ModelOps
+from server.engine.sampling import make_generator, sample_batch
+from server.engine.scheduler import PrefillChunk, RunnerOutput, SchedulerOutput
+from server.engine.types import PreparedRow, SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedRow:
-    """A request after tokenisation: what the model needs to prefill it."""
-
-    request_id: str
-    input_ids: Tensor  # [T] long, image placeholders expanded
-    pixel_values: Tensor | None  # [n_images, 3, H, W] (plain LLaVA; other families use `images`)
-    image_keys: list[str]  # content hash of each image
-    prefix: BundlePrefix | None
-    bundle_key: str  # bundle content hash, or "base"
-    images: list[ImageInput] | None = (
-        None  # one per image, from `family.split_images`; None: from pixel_values
-    )
-
-    def image_inputs(self) -> list[ImageInput]:
-        if self.images is not None:
-            return self.images
-        return [] if self.pixel_values is None else [ImageInput(px) for px in self.pixel_values]
 
 
 class ImageFeatureCache:
@@ -68,70 +55,190 @@ class ImageFeatureCache:
             self._items.popitem(last=False)
 
 
+@dataclass
+class _RowState:
+    row: PreparedRow
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    features: Tensor | None = None  # [n_image_tokens, D]
+    state: Any = None  # the row's own cache while it is prefilled
+    last_token: int = -1
+
+
 class ModelRunner:
-    """Batched prefill/decode over rows that each carry their own bundle prefix (or none)."""
-
-    def __init__(self, frozen: FrozenLlava, image_cache_size: int = 256, metrics=None) -> None:
-        self.frozen = frozen
-        self.model = frozen.model
-        self.family = frozen.family
-        self.images = ImageFeatureCache(image_cache_size, metrics)
-        self.state: DecodeState | None = None
-        self.row_ids: list[str] = []
-
-    @torch.inference_mode()
-    def prefill(self, rows: Sequence[PreparedRow]) -> Tensor:
-        """Prefill `rows` as one batch and append them to the running batch; returns their logits [n, V]."""
-        features = self._image_features(rows)
-        inputs = [RowInput(r.input_ids, features[i], r.prefix, r.image_inputs()) for i, r in enumerate(rows)]
-        logits, new_state = self.family.prefill(self.model, inputs)
-        self.state = new_state if self.state is None else DecodeState.merge([self.state, new_state])
-        self.row_ids += [r.request_id for r in rows]
-        return logits.float()
+    def __init__(
+        self,
+        ops: ModelOps,
+        image_cache: ImageFeatureCache,
+        sampler: Callable[[Tensor, list, list], list[int]] = sample_batch,
+    ) -> None:
+        self.ops = ops
+        self.images = image_cache
+        self._sample = sampler
+        self._rows: dict[str, _RowState] = {}
+        self._batch: Any = None  # the decode batch's state
+        self._batch_ids: list[str] = []
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int]) -> Tensor:
-        """Advance every running row by its last token (in `row_ids` order); returns logits [B, V]."""
-        assert self.state is not None and len(tokens) == len(self.row_ids)
-        device = self.state.attention_mask.device
-        tokens_t = torch.tensor(list(tokens), device=device)
-        return self.family.decode_step(self.model, self.state, tokens_t).float()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Free finished rows, register new ones, encode, prefill chunks, decode; see the module contract."""
+        self.free(out.finished)
+        for request in out.new:
+            device = self.ops.device
+            self._rows[request.request_id] = _RowState(
+                request.row, request.sampling, make_generator(request.sampling, device)
+            )
+        result = RunnerOutput()
+        self._encode(out.encode, result)
+        joined = [c.request_id for c in out.chunks if self._prefill(c, result) and c.is_last]
+        self._decode(out.decode, result)
+        self._join(joined)
+        return result
 
-    def drop(self, request_ids: set[str]) -> None:
-        """Remove rows (finished, aborted, expired) from the running batch."""
-        keep = [i for i, rid in enumerate(self.row_ids) if rid not in request_ids]
-        if len(keep) == len(self.row_ids):
-            return
-        self.row_ids = [self.row_ids[i] for i in keep]
-        self.state = self.state.select(keep) if keep and self.state is not None else None
+    def free(self, request_ids: Sequence[str]) -> None:
+        """Forget finished requests (unknown ids are ignored)."""
+        gone = set(request_ids)
+        for request_id in gone:
+            self._rows.pop(request_id, None)
+        drop = [i for i, rid in enumerate(self._batch_ids) if rid in gone]
+        if len(drop) == len(self._batch_ids):
+            self._batch, self._batch_ids = None, []
+        elif drop:
+            order = self.ops.remove_rows(self._batch, drop)
+            self._batch_ids = [self._batch_ids[i] for i in order]
 
     def reset(self) -> None:
-        """Forget the running batch (after an engine error)."""
-        self.state, self.row_ids = None, []
+        """Forget everything (after an engine-level fault)."""
+        self._rows.clear()
+        self._batch, self._batch_ids = None, []
 
-    def _image_features(self, rows: Sequence[PreparedRow]) -> list[Tensor | None]:
-        """Each row's image features [n_tokens, D] (its images in order), from the cache or one batched encode."""
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ images
+    def _encode(self, request_ids: Sequence[str], result: RunnerOutput) -> None:
+        """Image features of every request in `request_ids`, from the cache or one batched encode; when the
+        batched encode raises, each request is encoded alone so only the failing ones fail."""
+        rows = [self._rows[rid] for rid in request_ids if rid in self._rows]
+        try:
+            self._encode_rows(rows)
+        except Exception:
+            if len(rows) == 1:
+                self._fail(request_ids[0], result, "image encode")
+                return
+            for rid, row in zip(request_ids, rows, strict=True):
+                try:
+                    self._encode_rows([row])
+                except Exception:
+                    self._fail(rid, result, "image encode")
+
+    def _encode_rows(self, rows: Sequence[_RowState]) -> None:
         found: dict[tuple[str, str], Tensor] = {}
-        missing: dict[tuple[str, str], tuple[ImageInput, BundlePrefix | None]] = {}
-        for row in rows:
-            images = row.image_inputs()
-            for idx, key in enumerate(row.image_keys):
-                cache_key = (key, row.bundle_key)
+        missing: dict[tuple[str, str], tuple[Tensor, Any]] = {}
+        for rs in rows:
+            for idx, key in enumerate(rs.row.image_keys):
+                cache_key = (key, rs.row.bundle_key)
                 if cache_key in found or cache_key in missing:
                     continue
                 hit = self.images.get(cache_key)
                 if hit is not None:
                     found[cache_key] = hit
                 else:
-                    missing[cache_key] = (images[idx], row.prefix)
+                    images = getattr(
+                        rs.row, "images", None
+                    )  # a family's per-image inputs, when it splits them
+                    image = images[idx] if images else rs.row.pixel_values[idx]
+                    missing[cache_key] = (image, rs.row.prefix)
         if missing:
-            encoded = self.family.encode_images(
-                self.model, [im for im, _ in missing.values()], [pre for _, pre in missing.values()]
-            )  # M x [N_i, D]
-            for i, cache_key in enumerate(missing):
-                found[cache_key] = encoded[i]
-                self.images.put(cache_key, encoded[i])
-        return [
-            torch.cat([found[(key, row.bundle_key)] for key in row.image_keys]) if row.image_keys else None
-            for row in rows
-        ]
+            encoded = self.ops.encode_images(
+                [px for px, _ in missing.values()], [p for _, p in missing.values()]
+            )
+            for cache_key, features in zip(missing, encoded, strict=True):
+                found[cache_key] = features
+                self.images.put(cache_key, features)
+        for rs in rows:
+            keys = [(key, rs.row.bundle_key) for key in rs.row.image_keys]
+            rs.features = torch.cat([found[k] for k in keys]) if keys else None
+
+    # ------------------------------------------------------------------ prompt and decode
+    def _prefill(self, chunk: PrefillChunk, result: RunnerOutput) -> bool:
+        """Run one chunk; True on success. The last chunk samples the request's first token."""
+        rs = self._rows.get(chunk.request_id)
+        if rs is None or chunk.request_id in result.failed:
+            return False
+        try:
+            row = RowInput(rs.row.input_ids, rs.features, rs.row.prefix, tuple(rs.row.images or ()))
+            logits, rs.state = self.ops.prefill_chunk(row, chunk.start, chunk.end, rs.state)
+            if chunk.is_last:
+                rs.last_token = self._sample(logits.float(), [rs.sampling], [rs.generator])[0]
+                result.sampled[chunk.request_id] = rs.last_token
+        except Exception:
+            self._fail(chunk.request_id, result, "prefill")
+            return False
+        return True
+
+    def _decode(self, request_ids: Sequence[str], result: RunnerOutput) -> None:
+        if sorted(request_ids) != sorted(self._batch_ids):
+            raise RuntimeError(
+                f"decode rows {sorted(request_ids)} != the batch's rows {sorted(self._batch_ids)}"
+            )
+        if not self._batch_ids:
+            return
+        checkpoint = self.ops.checkpoint(self._batch)
+        try:
+            self._decode_batch(result)
+            return
+        except Exception:
+            log.exception("decode step of %d rows failed; retrying the rows one by one", len(self._batch_ids))
+        bad = self._find_failing_rows(checkpoint)
+        for rid in bad:
+            result.failed[rid] = "the model failed on this request during decode"
+        self.free(bad)
+        if self._batch_ids:
+            try:
+                self._decode_batch(result)
+            except Exception:
+                log.exception("decode failed again without the failing rows; failing the batch")
+                for rid in self._batch_ids:
+                    result.failed[rid] = "the model failed on this request during decode"
+                self.free(list(self._batch_ids))
+
+    def _decode_batch(self, result: RunnerOutput) -> None:
+        rows = [self._rows[rid] for rid in self._batch_ids]
+        tokens = torch.tensor([rs.last_token for rs in rows], dtype=torch.long)
+        logits = self.ops.decode_step(self._batch, tokens).float()  # [B, V]
+        sampled = self._sample(logits, [rs.sampling for rs in rows], [rs.generator for rs in rows])
+        for rid, rs, token in zip(self._batch_ids, rows, sampled, strict=True):
+            rs.last_token = token
+            result.sampled[rid] = token
+
+    def _find_failing_rows(self, checkpoint: Any) -> list[str]:
+        """After a failed batched decode: undo it and run each row alone on a copy; the rows that raise alone
+        (all of them when the step cannot be undone or no row raises alone) are the failing ones."""
+        if checkpoint is None:
+            return list(self._batch_ids)
+        self.ops.rollback(self._batch, checkpoint)
+        bad = []
+        for i, rid in enumerate(self._batch_ids):
+            token = torch.tensor([self._rows[rid].last_token], dtype=torch.long)
+            try:
+                self.ops.decode_step(self.ops.row_copy(self._batch, i), token)
+            except Exception:
+                bad.append(rid)
+        return bad or list(self._batch_ids)
+
+    def _join(self, request_ids: Sequence[str]) -> None:
+        """Rows whose prompt is complete join the decode batch (they decode from the next step)."""
+        if not request_ids:
+            return
+        states = [self._rows[rid].state for rid in request_ids]
+        self._batch = self.ops.merge(states if self._batch is None else [self._batch, *states])
+        self._batch_ids += list(request_ids)
+        for rid in request_ids:
+            self._rows[rid].state = None
+
+    def _fail(self, request_id: str, result: RunnerOutput, phase: str) -> None:
+        log.exception("%s of request %s failed; failing that request only", phase, request_id)
+        result.failed[request_id] = f"the model failed on this request during {phase}"
+        self._rows.pop(request_id, None)

@@ -1,11 +1,20 @@
-"""Plain data passed between the HTTP layer and the engine. No torch here: the API layer and the scheduler
-tests import this without a model."""
+"""Plain data passed between the HTTP layer and the engine, and between the engine's parts. No torch import here:
+the API layer and the torch-free core tests import this without a model (tensor fields are typed `Any`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+# The closed set of finish reasons. "error" never reaches a client as a success: the API layer turns it into a
+# 5xx JSON error (or an SSE error event before `[DONE]` once a stream has started).
+FINISH_STOP = "stop"  # an EOS token or a stop string
+FINISH_LENGTH = "length"  # max_tokens generated
+FINISH_TIMEOUT = "timeout"  # the request's deadline passed
+FINISH_ABORT = "abort"  # the client went away, or the server stopped
+FINISH_ERROR = "error"  # the model failed on this request (StreamEvent.error says how)
+FINISH_REASONS = frozenset({FINISH_STOP, FINISH_LENGTH, FINISH_TIMEOUT, FINISH_ABORT, FINISH_ERROR})
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,31 @@ class GenerationRequest:
     arrival: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class PreparedRow:
+    """A request after tokenisation and validation: what the model needs to prefill it (built by
+    `server.engine.preprocess.Preprocessor`, consumed by the runner). `num_image_tokens` placeholders in
+    `input_ids` are filled by the features of `pixel_values`, one block per image in order."""
+
+    request_id: str
+    input_ids: Any  # torch.Tensor [T] long, image placeholders expanded
+    pixel_values: Any  # torch.Tensor [n_images, 3, H, W] or None
+    image_keys: list[str]  # content hash of each image
+    prefix: Any  # m2pt.prefix.BundlePrefix or None
+    bundle_key: str  # bundle content hash, or "base"
+    num_image_tokens: int = 0
+    images: list[Any] | None = None  # a model family's per-image inputs (`family.split_images`), else None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
 @dataclass(frozen=True)
 class StreamEvent:
-    """A piece of output. The last event of a request has `finish_reason` set ("stop", "length", "timeout",
-    "abort") and carries the final usage counts. `bundle` is the resolved "name@version" or None."""
+    """A piece of output. The last event of a request has `finish_reason` set (one of `FINISH_REASONS`) and
+    carries the final usage counts; with "error", `error` says what failed. `bundle` is the resolved
+    "name@version" or None."""
 
     request_id: str
     text: str
@@ -50,3 +80,4 @@ class StreamEvent:
     prompt_tokens: int
     completion_tokens: int
     bundle: str | None
+    error: str | None = None

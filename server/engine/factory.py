@@ -1,0 +1,63 @@
+"""`build_engine`: the one place that builds the real collaborators (runner over a family's `ModelOps`,
+scheduler, output processor, preprocessor, bundle residency) and wires them into an `Engine`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from server.engine.bundles import BundleResidency
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.model_ops import ModelOps, ops_for
+from server.engine.outputs import OutputProcessor
+from server.engine.preprocess import Preprocessor
+from server.engine.runner import ImageFeatureCache, ModelRunner
+from server.engine.scheduler import Scheduler
+
+
+def build_engine(
+    frozen: Any,
+    store: Any,
+    config: EngineConfig,
+    *,
+    metrics: Any = None,
+    bundle_limits: Any = None,
+    model_id: str | None = None,
+    ops: ModelOps | None = None,
+    preprocessor: Any = None,
+) -> Engine:
+    """An `Engine` over `frozen` (a `m2pt.loading.FrozenLlava`) and a bundle `store` (`prompts_store` store or
+    None). `ops` defaults to the model family's adapter (`ops_for`); a caller may pass its own (and its own
+    preprocessor if its inputs differ). Not started: `await engine.start()`."""
+    served_id = model_id or frozen.spec.model_id
+    # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
+    spec = dataclasses.replace(frozen.spec, model_id=served_id)
+    ops = ops if ops is not None else ops_for(frozen)
+    preprocessor = preprocessor if preprocessor is not None else Preprocessor(frozen)
+    outputs = OutputProcessor(frozen.processor.tokenizer, metrics)
+    scheduler = Scheduler(config, outputs.push)
+    runner = ModelRunner(ops, ImageFeatureCache(config.image_cache_size, metrics))
+
+    def load_prefix(ref):
+        """Blocking: read + validate the bundle from the store and precompute its prefix (residency's loader)."""
+        import torch
+
+        loaded = store.load(ref, spec, bundle_limits)
+        with torch.inference_mode():
+            return ops.compute_prefix(loaded.prompts)
+
+    residency = BundleResidency(load_prefix, config.max_resident_bundles, metrics)
+    return Engine(
+        config=config,
+        scheduler=scheduler,
+        runner=runner,
+        preprocessor=preprocessor,
+        outputs=outputs,
+        residency=residency,
+        store=store,
+        model_id=served_id,
+        spec=spec,
+        bundle_limits=bundle_limits,
+        metrics=metrics,
+    )
