@@ -56,20 +56,25 @@ class GrowableLayer(DynamicLayer):
         self.keys = self._key_buf[: self._rows, :, : self._length]
         self.values = self._value_buf[: self._rows, :, : self._length]
 
+    def _live(self) -> tuple[Tensor, Tensor]:
+        """The live keys and values, each [rows, H, length, hd] (views of the buffers)."""
+        assert self.keys is not None and self.values is not None, "an empty GrowableLayer"
+        return self.keys, self.values
+
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append [B, H, n, hd] new states; returns the whole live keys and values."""
         if self._key_buf is None or self._value_buf is None:
             self.replace(key_states, value_states)
-            return self.keys, self.values
+            return self._live()
         new = key_states.shape[-2]
         if self._length + new > self._key_buf.shape[-2]:
-            self.replace(self.keys, self.values, headroom=max(MIN_HEADROOM, self._length + new))
+            self.replace(*self._live(), headroom=max(MIN_HEADROOM, self._length + new))
         assert self._key_buf is not None and self._value_buf is not None
         self._key_buf[: self._rows, :, self._length : self._length + new] = key_states
         self._value_buf[: self._rows, :, self._length : self._length + new] = value_states
         self._length += new
         self._publish()
-        return self.keys, self.values
+        return self._live()
 
     def remove_rows(self, rows: Sequence[int]) -> None:
         """Drop `rows` in place: each is overwritten by the current last row (see `swap_remove_order`)."""
@@ -85,7 +90,8 @@ class GrowableLayer(DynamicLayer):
     def drop_leading(self, count: int) -> None:
         """Forget the first `count` positions (no row attends to them any more)."""
         if count > 0:
-            self.replace(self.keys[:, :, count:], self.values[:, :, count:], spare_rows=self.spare_rows)
+            keys, values = self._live()
+            self.replace(keys[:, :, count:], values[:, :, count:], spare_rows=self.spare_rows)
 
     @property
     def spare_rows(self) -> int:
@@ -99,7 +105,7 @@ class GrowableLayer(DynamicLayer):
         if length > self._length:
             raise ValueError(f"a joining row of {length} positions is longer than the batch's {self._length}")
         if self.spare_rows < count:
-            self.replace(self.keys, self.values, spare_rows=max(count, self._rows))
+            self.replace(*self._live(), spare_rows=max(count, self._rows))
         assert self._key_buf is not None and self._value_buf is not None
         rows = slice(self._rows, self._rows + count)
         pad = self._length - length

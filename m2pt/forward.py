@@ -90,7 +90,7 @@ def select_image_features(model: nn.Module, hidden_states: Sequence[Tensor]) -> 
     """Pick the configured ViT layer(s) and apply the CLS strategy, as `LlavaModel.get_image_features` does.
 
     `hidden_states` is the embedding output and then each run layer's output (maybe fewer than all layers)."""
-    cfg = model.config
+    cfg = hf.config(model)
     chosen = [hidden_states[i] for i in feature_layer_indices(cfg)]
     if cfg.vision_feature_select_strategy == "default":
         chosen = [h[:, 1:] for h in chosen]
@@ -107,19 +107,16 @@ def vision_hidden_states(
     output and each run layer's output. CLIP applies `pre_layrnorm` to the embeddings; SigLIP has none (and
     its `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads). `num_layers`
     overrides how many layers run (families without `vision_feature_layer`, e.g. Gemma 3: all)."""
-    tower = model.model.vision_tower
-    hidden = tower.embeddings(pixel_values.to(tower.dtype))  # [B, (1+)N, Dv]
-    pre_norm = getattr(tower, "pre_layrnorm", None)
-    if pre_norm is not None:
-        hidden = pre_norm(hidden)
-    parts = [None if p is None or p.visual_k is None else (p.visual_k, p.visual_v) for p in prefixes]
-    stacked = _stack_prefixes(parts, hidden)
+    tower = hf.part(model, "model.vision_tower")
+    hidden = hf.part(tower, "embeddings")(pixel_values.to(hf.param_dtype(tower)))  # [B, (1+)N, Dv]
+    if hf.has_part(tower, "pre_layrnorm"):
+        hidden = hf.part(tower, "pre_layrnorm")(hidden)
+    stacked = _stack_prefixes([None if p is None else p.visual_kv() for p in prefixes], hidden)
     states = [hidden]
-    run = vision_layers_used(model.config) if num_layers is None else num_layers
-    for idx, layer in enumerate(tower.encoder.layers[:run]):
-        bound = (
-            {} if stacked is None else {id(layer.self_attn): (stacked[0][idx], stacked[1][idx], stacked[2])}
-        )
+    run = vision_layers_used(hf.config(model)) if num_layers is None else num_layers
+    for idx, layer in enumerate(hf.layers(tower, "encoder.layers")[:run]):
+        attn = hf.part(layer, "self_attn")
+        bound = {} if stacked is None else {id(attn): (stacked[0][idx], stacked[1][idx], stacked[2])}
         with visual_prefixes(bound):
             hidden = layer(hidden, None)
         states.append(hidden)
@@ -196,6 +193,13 @@ class DecodeState:
             isinstance(layer, GrowableLayer) and layer.is_initialized for layer in layers
         )
 
+    def growable_layers(self) -> list[GrowableLayer]:
+        """The cache's layers as `GrowableLayer`s (TypeError if one is not: only for `growable` states)."""
+        layers = list(self.cache.layers)
+        if not all(isinstance(layer, GrowableLayer) for layer in layers):
+            raise TypeError("this DecodeState's cache does not grow in place")
+        return [layer for layer in layers if isinstance(layer, GrowableLayer)]
+
     def remove_rows(self, rows: Sequence[int], compact_at: int = 128) -> list[int]:
         """Drop `rows` IN PLACE; returns the old index of each remaining row in its new position.
 
@@ -208,7 +212,7 @@ class DecodeState:
             new = self.select(kept) if kept else self
             self.attention_mask, self.positions = new.attention_mask, new.positions
             return kept
-        for layer in self.cache.layers:
+        for layer in self.growable_layers():
             layer.remove_rows(rows)
         idx = torch.tensor(order, dtype=torch.long, device=self.attention_mask.device)
         self.attention_mask = self.attention_mask.index_select(0, idx)
@@ -216,7 +220,7 @@ class DecodeState:
         used = self.attention_mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start >= compact_at:
-            for layer in self.cache.layers:
+            for layer in self.growable_layers():
                 layer.drop_leading(start)
             self.attention_mask = self.attention_mask[:, start:]
         return order
@@ -228,8 +232,8 @@ class DecodeState:
         if not self.growable or any(not o.growable or o.attention_mask.shape[1] > length for o in others):
             return False
         for other in others:
-            for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
-                layer.append_rows(new.keys, new.values)
+            for layer, new in zip(self.growable_layers(), other.growable_layers(), strict=True):
+                layer.append_rows(*layer_states(new))
             pad = length - other.attention_mask.shape[1]
             mask = nn.functional.pad(other.attention_mask, (pad, 0))
             self.attention_mask = torch.cat([self.attention_mask, mask])
@@ -240,20 +244,20 @@ class DecodeState:
         """What `rollback` needs to undo a decode step that raised half-way (None: not undoable)."""
         if not self.growable:
             return None
-        return self.attention_mask, self.positions, [layer.length for layer in self.cache.layers]
+        return self.attention_mask, self.positions, [layer.length for layer in self.growable_layers()]
 
     def rollback(self, checkpoint: tuple[Tensor, Tensor, list[int]]) -> None:
         """Back to `checkpoint` (the positions a failed step wrote are forgotten)."""
         self.attention_mask, self.positions, lengths = checkpoint
-        for layer, length in zip(self.cache.layers, lengths, strict=True):
+        for layer, length in zip(self.growable_layers(), lengths, strict=True):
             layer.truncate(length)
 
     def row_copy(self, row: int) -> DecodeState:
         """A one-row copy of row `row` (its own cache; for retrying one row alone)."""
         cache = copy.copy(self.cache)
         cache.layers = [
-            GrowableLayer(layer.keys[row : row + 1], layer.values[row : row + 1])
-            for layer in self.cache.layers
+            GrowableLayer(keys[row : row + 1], values[row : row + 1])
+            for keys, values in map(layer_states, self.cache.layers)
         ]
         return DecodeState(cache, self.attention_mask[row : row + 1], self.positions[row : row + 1])
 
@@ -378,12 +382,13 @@ def prefill_chunk(
     advanced in place). Inference only (the cache grows in place)."""
     if (state is None) != (start == 0) or not 0 <= start < end <= int(row.input_ids.shape[0]):
         raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
-    device = model.lm_head.weight.device
+    device = next(hf.part(model, "lm_head").parameters()).device
+    image_token_id = int(hf.config(model).image_token_id)
     ids = row.input_ids[start:end].to(device)[None]  # [1, C]
-    embeds = model.model.get_input_embeddings()(ids)  # [1, C, D]
-    features = chunk_image_features(row, start, end, model.config.image_token_id)
+    embeds = hf.input_embeddings(model)(ids)  # [1, C, D]
+    features = chunk_image_features(row, start, end, image_token_id)
     if features is not None:
-        slots = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+        slots = (ids == image_token_id)[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
     if state is None:
         room = int(row.input_ids.shape[0]) + 64
@@ -393,7 +398,7 @@ def prefill_chunk(
     chunk = end - start
     attention_mask = torch.cat([mask, mask.new_ones(1, chunk)], dim=1)  # [1, S+C]
     position_ids = next_position[:, None] + torch.arange(chunk, device=device)[None]  # [1, C]
-    out = model.model.language_model(
+    out = hf.part(model, "model.language_model")(
         inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -401,7 +406,7 @@ def prefill_chunk(
         use_cache=True,
     )
     new_state = DecodeState(cache, attention_mask, position_ids[:, -1] + 1)
-    return model.lm_head(out.last_hidden_state[:, -1]), new_state
+    return hf.part(model, "lm_head")(out.last_hidden_state[:, -1]), new_state
 
 
 def decode_step(model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:

@@ -60,8 +60,9 @@ def _split_heads(x: Tensor, head_dim: int) -> Tensor:
 def _rope_kind(lm: nn.Module, layer_idx: int) -> dict[str, str]:
     """`{"layer_type": ...}` for LLMs whose rotary embedding differs per layer type (Gemma 3: local layers use
     their own base frequency), else `{}`."""
-    layer_types = getattr(lm.config, "layer_types", None)
-    if layer_types is None or "layer_type" not in inspect.signature(lm.rotary_emb.forward).parameters:
+    layer_types = getattr(hf.config(lm), "layer_types", None)
+    rotary = hf.part(lm, "rotary_emb")
+    if layer_types is None or "layer_type" not in inspect.signature(rotary.forward).parameters:
         return {}
     return {"layer_type": str(layer_types[layer_idx])}
 
