@@ -10,16 +10,26 @@ Contract:
   processes) get distinct versions. A crash at any moment leaves the old or the new state; debris is swept
   when a store is opened while no publish or delete is in flight (see `prompts_store.store_index` for the
   layout and locks).
-- Names and versions are validated before any path is built; symlinks in the store are refused.
+- Names and versions are validated before any path is built (`prompts_store.names`: a strict grammar that
+  can never spell `index.json`, a temp or lock file, `.`/`..` or a case variant), so publishing can never
+  replace the store's own files; symlinks in the store are refused.
+- One unreadable name (a hand-edited index, bad permissions) never breaks the others: `list` skips it with a
+  logged warning and reports it in `scan().broken`; resolving, loading and publishing other names work.
+- Messages of the errors raised here name bundles (`name@version`), never a filesystem path (paths go to the
+  log). A write that fails (disk full, quota, I/O error) raises `BundleStoreFullError` (507) or
+  `BundleStoreError` and publishes nothing.
 It does not cache loaded bundles or talk HTTP; the server does.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +38,17 @@ from m2pt.spec import ModelSpec
 from prompts_store.atomic import TMP_MARK, fsync_dir, remove_tree, write_durable
 from prompts_store.errors import (
     BundleConflictError,
+    BundleError,
     BundleFileSetError,
     BundleHashError,
     BundleNotFoundError,
     BundleStoreError,
+    BundleStoreFullError,
 )
 from prompts_store.format import TENSORS_FILE, encode_bundle, read_bundle_bytes, read_manifest
 from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.manifest import MANIFEST_FILE, utc_now_iso
-from prompts_store.names import NAME_RE, parse_ref, validate_name, validate_version
+from prompts_store.names import is_valid, parse_ref, validate_name, validate_version
 from prompts_store.store_index import (
     INDEX_FILE,
     LOCKS_DIR,
@@ -53,6 +65,7 @@ from prompts_store.validate import LoadedBundle, validate_bytes
 
 log = logging.getLogger(__name__)
 _AUTO_RE = re.compile(r"v([0-9]+)")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,21 @@ class BundleInfo:
     name: str
     versions: list[str]
     latest: BundleRef
+
+
+@dataclass(frozen=True)
+class BrokenName:
+    """A name whose index cannot be read: listed apart so that the other names keep working."""
+
+    name: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StoreListing:
+    bundles: list[BundleInfo]
+    broken: list[BrokenName]
 
 
 @dataclass(frozen=True)
@@ -127,7 +155,11 @@ class BundleStore:
     def _name_dir(self, name: str) -> Path:
         path = self.root / validate_name(name)
         if path.is_symlink():
-            raise BundleStoreError(f"{path} is a symlink; the store never follows links: remove it")
+            log.warning("bundle store: %s is a symlink, refused", path)
+            raise BundleStoreError(
+                f"bundle {name!r} is a symlink in the store, and the store never follows links: "
+                "remove it (the server log names the path)"
+            )
         return path
 
     def _store_lock(self, shared: bool = True):
@@ -150,12 +182,15 @@ class BundleStore:
             for entry in (self.root / TMP_DIR).iterdir():
                 remove_tree(entry)
             for name_dir in self._name_dirs():
-                self._sweep_name(name_dir)
+                try:
+                    self._sweep_name(name_dir)
+                except BundleStoreError as exc:  # an unreadable index: leave that name alone
+                    log.warning("bundle store: not sweeping %s: %s", name_dir.name, exc)
         return True
 
     def _name_dirs(self) -> list[Path]:
         return sorted(
-            p for p in self.root.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+            p for p in self.root.iterdir() if is_valid(p.name) and p.is_dir() and not p.is_symlink()
         )
 
     def _sweep_name(self, name_dir: Path) -> None:
@@ -206,17 +241,36 @@ class BundleStore:
             validate_version(version)
         loaded = validate_bytes(manifest_bytes, tensor_bytes, spec, limits)
         name = name or loaded.manifest.name
-        with self._store_lock(shared=True):
-            staging = self.root / TMP_DIR / uuid.uuid4().hex
-            try:
-                os.mkdir(staging)
-                write_durable(staging / TENSORS_FILE, tensor_bytes)
-                with self._name_lock(name):
-                    ref = self._commit(staging, loaded, name, version)
-            finally:
-                remove_tree(staging)
+        with self._writes_reported(f"{name}@{version}" if version else name):
+            with self._store_lock(shared=True):
+                staging = self.root / TMP_DIR / uuid.uuid4().hex
+                try:
+                    os.mkdir(staging)
+                    write_durable(staging / TENSORS_FILE, tensor_bytes)
+                    with self._name_lock(name):
+                        ref = self._commit(staging, loaded, name, version)
+                finally:
+                    remove_tree(staging)
         log.info("published bundle %s (%s)", ref.label, ref.content_hash)
         return ref
+
+    @contextmanager
+    def _writes_reported(self, what: str) -> Iterator[None]:
+        """Turn an `OSError` of a store write into a `BundleStoreError` that names the bundle, not a path."""
+        try:
+            yield
+        except OSError as exc:
+            log.error("bundle store %s: publishing %s failed: %s", self.root, what, exc)
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            if exc.errno in _FULL_ERRNOS:
+                raise BundleStoreFullError(
+                    f"could not publish {what}: the bundle store's disk is full ({reason}); nothing was "
+                    "published: free space (delete old versions) and upload again"
+                ) from None
+            raise BundleStoreError(
+                f"could not publish {what}: the bundle store could not be written ({reason}); nothing was "
+                "published (the server log has the details)"
+            ) from None
 
     def _commit(self, staging: Path, loaded: LoadedBundle, name: str, version: str | None) -> BundleRef:
         """Under the name lock: allocate the version, finish the staged dir, rename it into place, rewrite
@@ -265,14 +319,24 @@ class BundleStore:
         return self._ref(name, entry)
 
     def list(self) -> list[BundleInfo]:
-        """Every name with at least one version, sorted by name."""
-        out = []
+        """Every readable name with at least one version, sorted by name (unreadable ones are skipped with a
+        logged warning; `scan` reports them)."""
+        return self.scan().bundles
+
+    def scan(self) -> StoreListing:
+        """`list`, plus the names whose index cannot be read (each with its error)."""
+        out, broken = [], []
         for name_dir in self._name_dirs():
-            index = read_index(name_dir, name_dir.name)
+            try:
+                index = read_index(name_dir, name_dir.name)
+            except BundleStoreError as exc:
+                log.warning("bundle store: skipping unreadable bundle %s: %s", name_dir.name, exc)
+                broken.append(BrokenName(name_dir.name, exc.error_type, str(exc)))
+                continue
             if index.latest is not None:
                 versions = [e.version for e in index.versions]
                 out.append(BundleInfo(name_dir.name, versions, self._ref(name_dir.name, index.latest)))
-        return out
+        return StoreListing(out, broken)
 
     def inspect(self, ref: str) -> list[VersionInfo]:
         """Details of every version of `name` (oldest first), or of the one version `name@version` names."""
@@ -291,8 +355,12 @@ class BundleStore:
         try:
             m = read_manifest(path)
             size = sum((path / f).stat().st_size for f in (MANIFEST_FILE, TENSORS_FILE))
-        except (FileNotFoundError, BundleFileSetError):
+        except (FileNotFoundError, BundleFileSetError) as exc:
+            if path.exists():
+                raise self._without_paths(exc, path, f"{name}@{version}") from None
             raise BundleNotFoundError(f"{name}@{version} was deleted meanwhile") from None
+        except BundleError as exc:
+            raise self._without_paths(exc, path, f"{name}@{version}") from None
         entry = read_index(self._name_dir(name), name).find(version)
         return VersionInfo(
             name=name,
@@ -322,16 +390,33 @@ class BundleStore:
             ref = self.resolve(ref)
         try:
             loaded = load_bundle(ref.path, spec, limits)
-        except BundleFileSetError:
+        except BundleFileSetError as exc:
             if not ref.path.exists():
                 raise BundleNotFoundError(f"{ref.label} was deleted; resolve the name again") from None
-            raise
+            raise self._without_paths(exc, ref.path, ref.label) from None
+        except BundleError as exc:
+            raise self._without_paths(exc, ref.path, ref.label) from None
+        except OSError as exc:
+            log.error("bundle store: reading %s (%s) failed: %s", ref.label, ref.path, exc)
+            raise BundleStoreError(
+                f"{ref.label} could not be read from the store ({type(exc).__name__}); the server log has "
+                "the details"
+            ) from None
         if loaded.content_hash != ref.content_hash:
             raise BundleHashError(
                 f"{ref.label} on disk has content hash {loaded.content_hash}, the store index says "
                 f"{ref.content_hash}; the store was modified outside m2pt: delete and re-publish this version"
             )
         return loaded
+
+    def _without_paths(self, exc: BundleError, path: Path, label: str) -> BundleError:
+        """The same error with every mention of `path` (or the store root) replaced by the bundle's label."""
+        message = str(exc)
+        for where, what in ((str(path), label), (str(self.root), "the bundle store")):
+            message = message.replace(where, what)
+        if message != str(exc):
+            log.warning("bundle store: %s: %s", label, exc)
+        return type(exc)(message)
 
     # ---- delete --------------------------------------------------------------------------------------------
     def delete(self, name: str, version: str | None = None) -> list[BundleRef]:
@@ -344,7 +429,12 @@ class BundleStore:
             validate_version(version)
         with self._store_lock(shared=True), self._name_lock(name):
             name_dir = self._name_dir(name)
-            index = read_index(name_dir, name)
+            try:
+                index = read_index(name_dir, name)
+            except BundleStoreError:
+                if version is not None:
+                    raise
+                return self._delete_broken(name, name_dir)
             gone = [e for e in index.versions if version is None or e.version == version]
             if not gone:
                 what = f"{name}@{version}" if version else name
@@ -362,3 +452,13 @@ class BundleStore:
             fsync_dir(name_dir)
         log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
         return refs
+
+    def _delete_broken(self, name: str, name_dir: Path) -> list[BundleRef]:
+        """Delete a whole name whose index is unreadable (the way out of a hand-edited store). Under the name
+        lock; the rename out of the root is the commit point."""
+        trash = self.root / TMP_DIR / uuid.uuid4().hex
+        os.rename(name_dir, trash)
+        fsync_dir(self.root)
+        remove_tree(trash)
+        log.warning("deleted unreadable bundle %s", name)
+        return [BundleRef(name, "*", "", name_dir)]

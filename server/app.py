@@ -12,8 +12,10 @@
 Security by construction: `/health`, `/ready` and `/metrics` are the only public routes. Every other route
 must carry one of the auth dependencies of `server.api.deps` (router-level), and `create_app` raises if one
 does not, so a new route cannot be added unprotected by mistake. The interactive docs and the OpenAPI schema
-are not served. Request bodies are capped by `BodyLimitMiddleware` before parsing; chat requests are counted
-by bundle and status.
+are not served, and no route redirects (no trailing-slash redirects: they would point at the client-chosen
+`Host`). Chat requests are authenticated before their body is read (`AuthBeforeBodyMiddleware`), bodies are
+capped by `BodyLimitMiddleware` before parsing, chat requests are counted by bundle and status, and
+`DrainMiddleware` counts requests in flight for a graceful shutdown (`app.state.drain`, `server.shutdown`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Mount
 
 from server.api import routes_chat, routes_health, routes_openai, routes_ops
-from server.api.deps import AUTH_DEPENDENCIES
+from server.api.deps import AUTH_DEPENDENCIES, check_api_key
+from server.api.drain import DrainState
 from server.api.errors import install_error_handlers
-from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.middleware import (
+    AuthBeforeBodyMiddleware,
+    BodyLimitMiddleware,
+    DrainMiddleware,
+    RequestMetricsMiddleware,
+)
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
+API_KEY_PATHS = CHAT_PATHS | {"/v1/models"}
 UPLOAD_PATHS = frozenset({"/v1/bundles"})
 
 
@@ -54,11 +63,13 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        redirect_slashes=False,  # a slash redirect would point at the client-chosen Host header
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
     app.state.started_at = time.time()
+    app.state.drain = DrainState()
     install_error_handlers(app)
     app.include_router(routes_health.router)
     app.include_router(routes_chat.router)
@@ -70,7 +81,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
     )
+    app.add_middleware(AuthBeforeBodyMiddleware, check=check_api_key, paths=API_KEY_PATHS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, paths=CHAT_PATHS)
+    app.add_middleware(DrainMiddleware, state=app.state.drain, public_paths=routes_health.PUBLIC_PATHS)
     check_routes_protected(app)
     return app
 
