@@ -3,8 +3,9 @@
 With no arguments it serves the shipped demo model (`demo/base`) and demo bundles (`demo/bundles`) on
 127.0.0.1:8000 (use `--host 0.0.0.0` to accept connections from other machines, as the Dockerfile does). Every
 flag maps to one `server.settings.Settings` field; the help text is the field's documentation. Secrets come
-from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). Bad settings print
-one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
+from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops routes). SIGTERM drains
+gracefully (`server.shutdown`; `--shutdown-timeout` or `M2PT_SHUTDOWN_TIMEOUT`) and exits 0. Bad settings
+print one line per problem and exit with status 2 before anything is loaded. The log level is the global `m2pt
 --log-level`.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside `run_serve`, not at import time.
@@ -46,6 +47,7 @@ _FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--shutdown-timeout", "shutdown_timeout_s", {"type": float, "metavar": "SECONDS"}),
 ]
 _FLAG_OF = {field: flag for flag, field, _ in _FLAGS}
+_UVICORN_GRACE_S = 5.0  # uvicorn's own wait for connections after our drain has ended
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -116,6 +118,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.shutdown import GracefulServer
 
     log.info(
         "starting m2pt serve on http://%s:%d (model %s, store %s)",
@@ -124,14 +127,17 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.model,
         settings.store,
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the logging set up by `m2pt --log-level`
         log_level=str(getattr(args, "log_level", "info")).lower(),
         access_log=args.access_log,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=_UVICORN_GRACE_S,  # our own drain (GracefulServer) comes first
         server_header=False,
     )
-    return 0
+    server = GracefulServer(config, app, settings.shutdown_timeout_s)
+    server.run()
+    return 0 if server.started else 1

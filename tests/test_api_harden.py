@@ -218,3 +218,39 @@ def test_store_error_messages_are_bounded():
     from prompts_store.errors import BundleManifestError
 
     assert len(str(BundleManifestError("z" * 10**6))) == 1000
+
+
+def test_shutdown_timeout_comes_from_the_flag_or_the_environment(monkeypatch):
+    from pydantic import ValidationError
+
+    from server.cli import settings_from_args
+
+    monkeypatch.setenv("M2PT_SHUTDOWN_TIMEOUT", "7.5")
+    assert Settings().shutdown_timeout_s == 7.5
+    import argparse
+
+    from server.cli import add_serve_command
+
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--shutdown-timeout", "3"])
+    assert settings_from_args(args).shutdown_timeout_s == 3.0
+    monkeypatch.setenv("M2PT_SHUTDOWN_TIMEOUT", "soon")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.delenv("M2PT_SHUTDOWN_TIMEOUT")
+    assert Settings().shutdown_timeout_s == 30.0
+
+
+def test_a_drain_answers_503_with_retry_after_and_ready_503(live):
+    """The drain gate itself (the SIGTERM path is tested end to end in test_faults_shutdown.py)."""
+    assert httpx.get(live.url + "/ready").status_code == 200
+    live.app.state.drain.begin()
+    ready = httpx.get(live.url + "/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["type"] == "shutting_down"
+    for method, path in (("POST", "/v1/chat"), ("GET", "/v1/models"), ("GET", "/v1/bundles")):
+        resp = httpx.request(method, live.url + path, json={"instruction": "hi"}, headers={**CHAT, **OPS})
+        assert resp.status_code == 503, (path, resp.text)
+        assert resp.json()["error"]["type"] == "shutting_down" and int(resp.headers["retry-after"]) >= 1
+    assert httpx.get(live.url + "/health").status_code == 200
+    assert live.app.state.drain.in_flight == 0
