@@ -410,12 +410,15 @@ class BundleStore:
         return loaded
 
     def _without_paths(self, exc: BundleError, path: Path, label: str) -> BundleError:
-        """The same error with every mention of `path` (or the store root) replaced by the bundle's label."""
+        """The same error with every mention of `path` (or the store root) replaced by the bundle's label, and
+        the label in front when the message does not name it yet."""
         message = str(exc)
         for where, what in ((str(path), label), (str(self.root), "the bundle store")):
             message = message.replace(where, what)
         if message != str(exc):
             log.warning("bundle store: %s: %s", label, exc)
+        if label not in message:
+            message = f"{label}: {message}"
         return type(exc)(message)
 
     # ---- delete --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,3 +73,12 @@ def store_hashes(root: Path) -> dict[str, str]:
         for p in sorted(Path(root).rglob("*"))
         if p.is_file() and ".locks" not in p.parts
     }
+
+
+def record_figure(test: str, **figures: object) -> None:
+    """Append measured figures to the JSON-lines file named by `$M2PT_FAULT_FIGURES` (set by
+    `bench/fault_suite.py`); a no-op otherwise."""
+    path = os.environ.get("M2PT_FAULT_FIGURES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, **figures}) + "\n")

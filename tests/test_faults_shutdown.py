@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from fault_helpers import start_streams
+from fault_helpers import record_figure, start_streams
 
 from bench.serve_proc import ServeProcess
 
@@ -40,6 +40,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
         records, threads = start_streams(server.url, N, max_tokens=400)
         _wait_first_chunks(records)
         server.signal(signal.SIGTERM)
+        sent = time.monotonic()
         deadline = time.monotonic() + 5
         while (ready := httpx.get(server.url + "/ready", timeout=5)).status_code == 200:
             assert time.monotonic() < deadline, "/ready never turned 503"
@@ -49,9 +50,23 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
         for t in threads:
             t.join(60)
         code = server.wait(60)
+        exit_s = time.monotonic() - sent
     finally:
         server.kill()
     output = server.output()
+    record_figure(
+        "shutdown_drain",
+        in_flight_at_sigterm=N,
+        still_running_when_503_seen=still_running,
+        ready_status=ready.status_code,
+        new_request_status=refused.status_code,
+        retry_after=refused.headers.get("retry-after"),
+        finish_reasons=sorted({str(r.finish_reason) for r in records}),
+        finished_normally=sum(r.finish_reason == "length" and r.done for r in records),
+        sigterm_to_exit_s=round(exit_s, 2),
+        exit_code=code,
+        traceback_in_log="Traceback" in output,
+    )
     assert still_running > 0, "the drain was not observed while requests were in flight"
     assert ready.status_code == 503 and ready.json()["error"]["type"] == "shutting_down"
     assert ready.headers["retry-after"]
@@ -77,6 +92,15 @@ def test_streams_past_the_shutdown_timeout_end_with_abort(tiny_model_dir, tmp_pa
         server.kill()
     output = server.output()
     reasons = [r.finish_reason for r in records]
+    record_figure(
+        "shutdown_timeout_cut",
+        shutdown_timeout_s=0.3,
+        aborted=reasons.count("abort"),
+        finished=reasons.count("length"),
+        all_got_done=all(r.done for r in records),
+        exit_code=code,
+        traceback_in_log="Traceback" in output,
+    )
     assert all(r.done and r.error is None for r in records), [(r.done, r.error) for r in records]
     assert reasons.count("abort") >= 1 and set(reasons) <= {"abort", "length"}, reasons
     assert all(r.tokens < 460 for r in records if r.finish_reason == "abort")
@@ -100,6 +124,14 @@ def test_a_second_signal_forces_quit_with_one_log_line(tiny_model_dir, tmp_path)
     finally:
         server.kill()
     output = server.output()
+    record_figure(
+        "shutdown_forced_quit",
+        aborted=sum(r.finish_reason == "abort" for r in records),
+        all_got_done=all(r.done for r in records),
+        forced_quit_log_lines=output.count("forced quit"),
+        exit_code=code,
+        traceback_in_log="Traceback" in output,
+    )
     assert code == 0, output
     assert output.count("forced quit") == 1, output
     assert "Traceback" not in output and "Exception in" not in output, output
