@@ -53,6 +53,7 @@ MIX = [
 class Sample:
     start: float
     chunk_times: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
     status: int | None = None
     retry_after: str | None = None
     error: str | None = None
@@ -73,8 +74,11 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Sample:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     sample.error = f"in-band error {chunk['error']['type']}"
-                elif chunk.get("text"):
+                    continue
+                if chunk.get("text"):
                     sample.chunk_times.append(time.monotonic())
+                if chunk.get("usage"):
+                    sample.completion_tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
     return sample
@@ -238,4 +242,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     raise SystemExit(main())

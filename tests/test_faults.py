@@ -237,7 +237,7 @@ def test_100_random_disconnects_free_every_slot(disconnect_server):
 
 
 # ---------------------------------------------------------------------------- crash safety (SIGKILL)
-def _uploader(url: str, tiny, name: str, acked: list, stop: threading.Event, seed0: int) -> None:
+def _uploader(url: str, tiny, name: str, acked: list, cut: list, stop: threading.Event, seed0: int) -> None:
     seed = seed0
     while not stop.is_set():
         manifest, tensors = encode_bundle(init_prompts(tiny.spec, 3, 2, seed=seed), tiny.spec, name, None, {})
@@ -245,6 +245,7 @@ def _uploader(url: str, tiny, name: str, acked: list, stop: threading.Event, see
         try:
             resp = httpx.post(url + "/v1/bundles", files=files, headers=AUTH, timeout=30)
         except httpx.HTTPError:
+            cut.append(name)  # in flight when the server died
             return
         if resp.status_code == 201:
             acked.append((resp.json()["bundle"], resp.json()["content_hash"]))
@@ -259,9 +260,10 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny, tiny_model_d
     env = {"M2PT_OPS_TOKEN": OPS}
     server = ServeProcess(tiny_model_dir, store_dir, tmp_path / "serve1.log", env=env).start()
     acked: list[tuple[str, str]] = []
+    cut: list[str] = []
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_uploader, args=(server.url, tiny, f"up{i}", acked, stop, 100 * i))
+        threading.Thread(target=_uploader, args=(server.url, tiny, f"up{i}", acked, cut, stop, 100 * i))
         for i in range(3)
     ]
     for t in threads:
@@ -285,6 +287,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny, tiny_model_d
     record_figure(
         "crash_sigkill",
         acknowledged=len(acked),
+        uploads_cut_by_the_kill=len(cut),
         listed_after_restart=len(listed),
         acknowledged_missing=len({label for label, _ in acked} - listed),
         listed_not_serving=sum(code != 200 for code in served.values()),
