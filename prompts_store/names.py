@@ -50,7 +50,7 @@ def is_valid(value: object) -> bool:
 
 def validate_name(name: object, what: str = "bundle name") -> str:
     """Return `name` if it is a valid name, else raise `BundleNameError` saying what the rule is."""
-    if not is_valid(name):
+    if not isinstance(name, str) or not is_valid(name):
         reserved = isinstance(name, str) and len(name) <= MAX_LEN and NAME_RE.fullmatch(name) is not None
         why = "is reserved for the store's own files" if reserved else "is not allowed"
         raise BundleNameError(

@@ -23,6 +23,7 @@ It does not cache loaded bundles or talk HTTP; the server does.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
@@ -338,7 +339,7 @@ class BundleStore:
                 out.append(BundleInfo(name_dir.name, versions, self._ref(name_dir.name, index.latest)))
         return StoreListing(out, broken)
 
-    def inspect(self, ref: str) -> list[VersionInfo]:
+    def inspect(self, ref: str) -> builtins.list[VersionInfo]:
         """Details of every version of `name` (oldest first), or of the one version `name@version` names."""
         name, version = parse_ref(ref)
         index = read_index(self._name_dir(name), name)
@@ -356,7 +357,7 @@ class BundleStore:
             m = read_manifest(path)
             size = sum((path / f).stat().st_size for f in (MANIFEST_FILE, TENSORS_FILE))
         except (FileNotFoundError, BundleFileSetError) as exc:
-            if path.exists():
+            if path.exists() and isinstance(exc, BundleFileSetError):
                 raise self._without_paths(exc, path, f"{name}@{version}") from None
             raise BundleNotFoundError(f"{name}@{version} was deleted meanwhile") from None
         except BundleError as exc:
@@ -422,7 +423,7 @@ class BundleStore:
         return type(exc)(message)
 
     # ---- delete --------------------------------------------------------------------------------------------
-    def delete(self, name: str, version: str | None = None) -> list[BundleRef]:
+    def delete(self, name: str, version: str | None = None) -> builtins.list[BundleRef]:
         """Delete one version, or every version of `name`. Returns what was deleted; unknown ->
         `BundleNotFoundError`.
 
@@ -456,7 +457,7 @@ class BundleStore:
         log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
         return refs
 
-    def _delete_broken(self, name: str, name_dir: Path) -> list[BundleRef]:
+    def _delete_broken(self, name: str, name_dir: Path) -> builtins.list[BundleRef]:
         """Delete a whole name whose index is unreadable (the way out of a hand-edited store). Under the name
         lock; the rename out of the root is the commit point."""
         trash = self.root / TMP_DIR / uuid.uuid4().hex
