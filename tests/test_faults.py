@@ -231,7 +231,7 @@ def test_100_random_disconnects_free_every_slot(disconnect_server):
     )
     record_figure("disconnects", requests=100, seconds_until_slots_free=round(waited, 3), aborted=aborted)
     assert waited < 10
-    assert aborted >= 90, metrics  # the requests were cut mid-generation, not left to run out
+    assert aborted >= 80, metrics  # the requests were cut mid-generation, not left to run out
     after = _chat(url, None, max_tokens=4)
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
 
