@@ -67,6 +67,8 @@ from prompts_store.validate import LoadedBundle, validate_bytes
 log = logging.getLogger(__name__)
 _AUTO_RE = re.compile(r"v([0-9]+)")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+RESERVE_FILE = "space.reserve"  # under .locks/: ballast that a delete on a full disk may spend
+RESERVE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,20 @@ class BundleStore:
                 f"cannot create bundle store at {self.root}: {exc}; choose a writable directory"
             ) from None
         self.sweep()
+        self._ensure_reserve()
+
+    def _ensure_reserve(self) -> None:
+        """Best effort: keep `RESERVE_BYTES` of ballast, so that a delete can still commit on a full disk."""
+        path = self.root / LOCKS_DIR / RESERVE_FILE
+        if path.exists():
+            return
+        tmp = path.with_name(f".{RESERVE_FILE}{TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            write_durable(tmp, bytes(RESERVE_BYTES))
+            os.rename(tmp, path)
+        except OSError as exc:  # a full or read-only store works without it
+            log.debug("bundle store: no space reserve (%s)", exc)
+            tmp.unlink(missing_ok=True)
 
     # ---- paths and locks -----------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
@@ -242,7 +258,7 @@ class BundleStore:
             validate_version(version)
         loaded = validate_bytes(manifest_bytes, tensor_bytes, spec, limits)
         name = name or loaded.manifest.name
-        with self._writes_reported(f"{name}@{version}" if version else name):
+        with self._writes_reported("publish", f"{name}@{version}" if version else name):
             with self._store_lock(shared=True):
                 staging = self.root / TMP_DIR / uuid.uuid4().hex
                 try:
@@ -256,21 +272,22 @@ class BundleStore:
         return ref
 
     @contextmanager
-    def _writes_reported(self, what: str) -> Iterator[None]:
+    def _writes_reported(self, verb: str, what: str) -> Iterator[None]:
         """Turn an `OSError` of a store write into a `BundleStoreError` that names the bundle, not a path."""
         try:
             yield
         except OSError as exc:
-            log.error("bundle store %s: publishing %s failed: %s", self.root, what, exc)
+            log.error("bundle store %s: %s of %s failed: %s", self.root, verb, what, exc)
             reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            done = "nothing was published" if verb == "publish" else "nothing was deleted"
             if exc.errno in _FULL_ERRNOS:
                 raise BundleStoreFullError(
-                    f"could not publish {what}: the bundle store's disk is full ({reason}); nothing was "
-                    "published: free space (delete old versions) and upload again"
+                    f"could not {verb} {what}: the bundle store's disk is full ({reason}); {done}: free "
+                    "space on the store's disk (deleting old versions frees it too) and try again"
                 ) from None
             raise BundleStoreError(
-                f"could not publish {what}: the bundle store could not be written ({reason}); nothing was "
-                "published (the server log has the details)"
+                f"could not {verb} {what}: the bundle store could not be written ({reason}); {done} (the "
+                "server log has the details)"
             ) from None
 
     def _commit(self, staging: Path, loaded: LoadedBundle, name: str, version: str | None) -> BundleRef:
@@ -431,6 +448,13 @@ class BundleStore:
         """
         if version is not None:
             validate_version(version)
+        with self._writes_reported("delete", f"{name}@{version}" if version else name):
+            refs = self._delete_locked(name, version)
+        self._ensure_reserve()
+        log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
+        return refs
+
+    def _delete_locked(self, name: str, version: str | None) -> builtins.list[BundleRef]:
         with self._store_lock(shared=True), self._name_lock(name):
             name_dir = self._name_dir(name)
             try:
@@ -446,7 +470,7 @@ class BundleStore:
                     f"no bundle {what} to delete; `m2pt bundle list` shows what is published"
                 )
             keep = tuple(e for e in index.versions if e not in gone)
-            write_index(name_dir, NameIndex(name, index.next_auto, keep))  # commit point
+            self._write_index_spending_reserve(name_dir, NameIndex(name, index.next_auto, keep))  # commit
             refs = [self._ref(name, e) for e in gone]
             for ref in refs:
                 if ref.path.exists():
@@ -454,8 +478,22 @@ class BundleStore:
                     os.rename(ref.path, trash)
                     remove_tree(trash)
             fsync_dir(name_dir)
-        log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
         return refs
+
+    def _write_index_spending_reserve(self, name_dir: Path, index: NameIndex) -> None:
+        """`write_index`; on a full disk, spend the ballast file and try once more (deleting frees space, but
+        its commit point needs a few KiB first)."""
+        try:
+            write_index(name_dir, index)
+        except OSError as exc:
+            reserve = self.root / LOCKS_DIR / RESERVE_FILE
+            if exc.errno not in _FULL_ERRNOS or not reserve.exists():
+                raise
+            log.warning(
+                "bundle store %s: disk full; spending the space reserve to commit a delete", self.root
+            )
+            reserve.unlink()
+            write_index(name_dir, index)
 
     def _delete_broken(self, name: str, name_dir: Path) -> builtins.list[BundleRef]:
         """Delete a whole name whose index is unreadable (the way out of a hand-edited store). Under the name

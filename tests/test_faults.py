@@ -300,3 +300,66 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny, tiny_model_d
     for name_dir in (p for p in store_dir.iterdir() if not p.name.startswith(".")):
         on_disk = {p.name for p in name_dir.iterdir() if p.name != "index.json"}
         assert on_disk == {label.split("@")[1] for label in listed if label.startswith(name_dir.name + "@")}
+
+
+# ------------------------------------------------------------------------ disk full, for real (a tmpfs)
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 192 KiB tmpfs (needs root and mount permission; skipped otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], stderr=-3) != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.call(["umount", "-l", str(mount)])
+
+
+def test_a_really_full_disk_fails_a_publish_cleanly(tiny, tiny_tmpfs):
+    from server.app import create_app
+    from server.settings import Settings
+
+    store = BundleStore(tiny_tmpfs / "store")
+    settings = Settings(api_key=None, ops_token=OPS, store=store.root)
+    acked, failure = [], None
+    with LiveServer(create_app(settings, FakeEngine(store=store, spec=tiny.spec))) as server:
+        for seed in range(200):
+            manifest, tensors = encode_bundle(
+                init_prompts(tiny.spec, 3, 2, seed=seed), tiny.spec, "fill", None, {}
+            )
+            files = {"manifest": ("manifest.json", manifest), "tensors": ("tensors.safetensors", tensors)}
+            resp = httpx.post(server.url + "/v1/bundles", files=files, headers=AUTH)
+            if resp.status_code != 201:
+                failure = resp
+                break
+            acked.append(resp.json()["bundle"])
+        listing = httpx.get(server.url + "/v1/bundles", headers=AUTH).json()
+        freed = httpx.delete(server.url + f"/v1/bundles/{acked[0]}", headers=AUTH)
+        retry = httpx.post(server.url + "/v1/bundles", files=files, headers=AUTH)
+    assert failure is not None and len(acked) >= 1, "the tmpfs never filled up"
+    record_figure(
+        "disk_full_tmpfs",
+        tmpfs_kib=192,
+        published_before_full=len(acked),
+        full_status=failure.status_code,
+        full_type=failure.json()["error"]["type"],
+        after_delete_status=retry.status_code,
+    )
+    assert failure.status_code == 507, failure.text
+    assert failure.json()["error"]["type"] == "bundle_store_full"
+    assert "disk is full" in failure.json()["error"]["message"] and str(store.root) not in failure.text
+    assert [f"fill@{v}" for v in listing["bundles"][0]["versions"]] == acked  # nothing half-visible
+    reopened = BundleStore(store.root)  # opens, sweeps the debris
+    assert [r.label for r in _all_refs(reopened)] == acked[1:] + (
+        [retry.json()["bundle"]] if retry.status_code == 201 else []
+    )
+    for ref in _all_refs(reopened):
+        assert reopened.load(ref, tiny.spec).content_hash == ref.content_hash
+    assert freed.status_code == 200 and retry.status_code == 201, retry.text
+
+
+def _all_refs(store: BundleStore):
+    return [store.resolve(f"{info.name}@{v}") for info in store.list() for v in info.versions]
