@@ -24,13 +24,10 @@ It does not cache loaded bundles or talk HTTP; the server does.
 from __future__ import annotations
 
 import builtins
-import errno
 import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +41,6 @@ from prompts_store.errors import (
     BundleHashError,
     BundleNotFoundError,
     BundleStoreError,
-    BundleStoreFullError,
 )
 from prompts_store.format import TENSORS_FILE, encode_bundle, read_bundle_bytes, read_manifest
 from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
@@ -62,13 +58,16 @@ from prompts_store.store_index import (
     try_flock_exclusive,
     write_index,
 )
+from prompts_store.store_safety import (
+    ensure_reserve,
+    without_paths,
+    write_index_spending_reserve,
+    writes_reported,
+)
 from prompts_store.validate import LoadedBundle, validate_bytes
 
 log = logging.getLogger(__name__)
 _AUTO_RE = re.compile(r"v([0-9]+)")
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-RESERVE_FILE = "space.reserve"  # under .locks/: ballast that a delete on a full disk may spend
-RESERVE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -153,20 +152,7 @@ class BundleStore:
                 f"cannot create bundle store at {self.root}: {exc}; choose a writable directory"
             ) from None
         self.sweep()
-        self._ensure_reserve()
-
-    def _ensure_reserve(self) -> None:
-        """Best effort: keep `RESERVE_BYTES` of ballast, so that a delete can still commit on a full disk."""
-        path = self.root / LOCKS_DIR / RESERVE_FILE
-        if path.exists():
-            return
-        tmp = path.with_name(f".{RESERVE_FILE}{TMP_MARK}{uuid.uuid4().hex}")
-        try:
-            write_durable(tmp, bytes(RESERVE_BYTES))
-            os.rename(tmp, path)
-        except OSError as exc:  # a full or read-only store works without it
-            log.debug("bundle store: no space reserve (%s)", exc)
-            tmp.unlink(missing_ok=True)
+        ensure_reserve(self.root)
 
     # ---- paths and locks -----------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
@@ -258,7 +244,7 @@ class BundleStore:
             validate_version(version)
         loaded = validate_bytes(manifest_bytes, tensor_bytes, spec, limits)
         name = name or loaded.manifest.name
-        with self._writes_reported("publish", f"{name}@{version}" if version else name):
+        with writes_reported(self.root, "publish", f"{name}@{version}" if version else name):
             with self._store_lock(shared=True):
                 staging = self.root / TMP_DIR / uuid.uuid4().hex
                 try:
@@ -270,25 +256,6 @@ class BundleStore:
                     remove_tree(staging)
         log.info("published bundle %s (%s)", ref.label, ref.content_hash)
         return ref
-
-    @contextmanager
-    def _writes_reported(self, verb: str, what: str) -> Iterator[None]:
-        """Turn an `OSError` of a store write into a `BundleStoreError` that names the bundle, not a path."""
-        try:
-            yield
-        except OSError as exc:
-            log.error("bundle store %s: %s of %s failed: %s", self.root, verb, what, exc)
-            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            done = "nothing was published" if verb == "publish" else "nothing was deleted"
-            if exc.errno in _FULL_ERRNOS:
-                raise BundleStoreFullError(
-                    f"could not {verb} {what}: the bundle store's disk is full ({reason}); {done}: free "
-                    "space on the store's disk (deleting old versions frees it too) and try again"
-                ) from None
-            raise BundleStoreError(
-                f"could not {verb} {what}: the bundle store could not be written ({reason}); {done} (the "
-                "server log has the details)"
-            ) from None
 
     def _commit(self, staging: Path, loaded: LoadedBundle, name: str, version: str | None) -> BundleRef:
         """Under the name lock: allocate the version, finish the staged dir, rename it into place, rewrite
@@ -375,10 +342,10 @@ class BundleStore:
             size = sum((path / f).stat().st_size for f in (MANIFEST_FILE, TENSORS_FILE))
         except (FileNotFoundError, BundleFileSetError) as exc:
             if path.exists() and isinstance(exc, BundleFileSetError):
-                raise self._without_paths(exc, path, f"{name}@{version}") from None
+                raise without_paths(exc, self.root, path, f"{name}@{version}") from None
             raise BundleNotFoundError(f"{name}@{version} was deleted meanwhile") from None
         except BundleError as exc:
-            raise self._without_paths(exc, path, f"{name}@{version}") from None
+            raise without_paths(exc, self.root, path, f"{name}@{version}") from None
         entry = read_index(self._name_dir(name), name).find(version)
         return VersionInfo(
             name=name,
@@ -411,9 +378,9 @@ class BundleStore:
         except BundleFileSetError as exc:
             if not ref.path.exists():
                 raise BundleNotFoundError(f"{ref.label} was deleted; resolve the name again") from None
-            raise self._without_paths(exc, ref.path, ref.label) from None
+            raise without_paths(exc, self.root, ref.path, ref.label) from None
         except BundleError as exc:
-            raise self._without_paths(exc, ref.path, ref.label) from None
+            raise without_paths(exc, self.root, ref.path, ref.label) from None
         except OSError as exc:
             log.error("bundle store: reading %s (%s) failed: %s", ref.label, ref.path, exc)
             raise BundleStoreError(
@@ -427,18 +394,6 @@ class BundleStore:
             )
         return loaded
 
-    def _without_paths(self, exc: BundleError, path: Path, label: str) -> BundleError:
-        """The same error with every mention of `path` (or the store root) replaced by the bundle's label, and
-        the label in front when the message does not name it yet."""
-        message = str(exc)
-        for where, what in ((str(path), label), (str(self.root), "the bundle store")):
-            message = message.replace(where, what)
-        if message != str(exc):
-            log.warning("bundle store: %s: %s", label, exc)
-        if label not in message:
-            message = f"{label}: {message}"
-        return type(exc)(message)
-
     # ---- delete --------------------------------------------------------------------------------------------
     def delete(self, name: str, version: str | None = None) -> builtins.list[BundleRef]:
         """Delete one version, or every version of `name`. Returns what was deleted; unknown ->
@@ -448,9 +403,9 @@ class BundleStore:
         """
         if version is not None:
             validate_version(version)
-        with self._writes_reported("delete", f"{name}@{version}" if version else name):
+        with writes_reported(self.root, "delete", f"{name}@{version}" if version else name):
             refs = self._delete_locked(name, version)
-        self._ensure_reserve()
+        ensure_reserve(self.root)
         log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
         return refs
 
@@ -470,7 +425,8 @@ class BundleStore:
                     f"no bundle {what} to delete; `m2pt bundle list` shows what is published"
                 )
             keep = tuple(e for e in index.versions if e not in gone)
-            self._write_index_spending_reserve(name_dir, NameIndex(name, index.next_auto, keep))  # commit
+            # the commit point
+            write_index_spending_reserve(self.root, name_dir, NameIndex(name, index.next_auto, keep))
             refs = [self._ref(name, e) for e in gone]
             for ref in refs:
                 if ref.path.exists():
@@ -479,21 +435,6 @@ class BundleStore:
                     remove_tree(trash)
             fsync_dir(name_dir)
         return refs
-
-    def _write_index_spending_reserve(self, name_dir: Path, index: NameIndex) -> None:
-        """`write_index`; on a full disk, spend the ballast file and try once more (deleting frees space, but
-        its commit point needs a few KiB first)."""
-        try:
-            write_index(name_dir, index)
-        except OSError as exc:
-            reserve = self.root / LOCKS_DIR / RESERVE_FILE
-            if exc.errno not in _FULL_ERRNOS or not reserve.exists():
-                raise
-            log.warning(
-                "bundle store %s: disk full; spending the space reserve to commit a delete", self.root
-            )
-            reserve.unlink()
-            write_index(name_dir, index)
 
     def _delete_broken(self, name: str, name_dir: Path) -> builtins.list[BundleRef]:
         """Delete a whole name whose index is unreadable (the way out of a hand-edited store). Under the name
