@@ -27,40 +27,75 @@ class StreamRecord:
     first: threading.Event = field(default_factory=threading.Event)
 
 
-def stream_chat(url: str, record: StreamRecord, max_tokens: int, bundle: str | None = None) -> None:
-    body = {
-        "instruction": "what is this digit ?",
-        "image": png_b64(),
+def _chat_body(max_tokens: int, openai: bool, model: str = "") -> dict:
+    if not openai:
+        return {
+            "instruction": "what is this digit ?",
+            "image": png_b64(),
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        }
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_b64()}},
+        {"type": "text", "text": "what is this digit ?"},
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens,
-        "ignore_eos": True,
         "stream": True,
-        "bundle": bundle,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
     }
+
+
+def _read_chunk(record: StreamRecord, chunk: dict) -> None:
+    if "error" in chunk:
+        record.error = chunk["error"]["type"]
+        return
+    record.chunks += 1
+    record.first.set()
+    reason = chunk.get("finish_reason") or next(
+        (c.get("finish_reason") for c in chunk.get("choices") or [] if c.get("finish_reason")), None
+    )
+    if reason:
+        record.finish_reason = reason
+    if chunk.get("usage"):
+        record.tokens = chunk["usage"]["completion_tokens"]
+
+
+def stream_chat(
+    url: str, record: StreamRecord, max_tokens: int, openai: bool = False, model: str = ""
+) -> None:
+    """Stream one request (`/v1/chat`, or `/v1/chat/completions` when `openai`) and record what came back."""
+    path = "/v1/chat/completions" if openai else "/v1/chat"
     try:
-        with httpx.stream("POST", url + "/v1/chat", json=body, timeout=120) as resp:
+        with httpx.stream(
+            "POST", url + path, json=_chat_body(max_tokens, openai, model), timeout=120
+        ) as resp:
             record.status = resp.status_code
             for line in resp.iter_lines():
                 if line == "data: [DONE]":
                     record.done = True
                 elif line.startswith("data: "):
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        record.error = chunk["error"]["type"]
-                        continue
-                    record.chunks += 1
-                    record.first.set()
-                    if chunk.get("finish_reason"):
-                        record.finish_reason = chunk["finish_reason"]
-                        record.tokens = chunk["usage"]["completion_tokens"]
+                    _read_chunk(record, json.loads(line[6:]))
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     finally:
         record.first.set()
 
 
-def start_streams(url: str, n: int, max_tokens: int) -> tuple[list[StreamRecord], list[threading.Thread]]:
+def start_streams(
+    url: str, n: int, max_tokens: int, openai_share: int = 0
+) -> tuple[list[StreamRecord], list[threading.Thread]]:
+    """`n` streams in threads; the first `openai_share` of them use the OpenAI-compatible route."""
     records = [StreamRecord() for _ in range(n)]
-    threads = [threading.Thread(target=stream_chat, args=(url, r, max_tokens), daemon=True) for r in records]
+    model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] if openai_share else ""
+    threads = [
+        threading.Thread(target=stream_chat, args=(url, r, max_tokens, i < openai_share, model), daemon=True)
+        for i, r in enumerate(records)
+    ]
     for t in threads:
         t.start()
     return records, threads

@@ -3,7 +3,8 @@ streaming requests in flight when SIGTERM arrives.
 
 - a drain within `--shutdown-timeout`: `/ready` is 503 during it, new requests get 503 with `Retry-After`,
   every in-flight stream finishes normally, exit status 0, no traceback;
-- a drain that runs past `--shutdown-timeout`: the cut streams end with finish_reason "abort" and `[DONE]`;
+- a drain that runs past `--shutdown-timeout`: the cut streams end with finish_reason "abort" and `[DONE]`
+  (on `/v1/chat` and on the OpenAI-compatible route alike);
 - a forced quit (second SIGTERM): one log line, streams cut with "abort", exit 0, no traceback.
 """
 
@@ -82,7 +83,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model_dir, tmp_path
 def test_streams_past_the_shutdown_timeout_end_with_abort(tiny_model_dir, tmp_path):
     server = _serve(tiny_model_dir, tmp_path, timeout_s=0.3)
     try:
-        records, threads = start_streams(server.url, N, max_tokens=460)
+        records, threads = start_streams(server.url, N, max_tokens=460, openai_share=N // 2)
         _wait_first_chunks(records)
         server.signal(signal.SIGTERM)
         for t in threads:
