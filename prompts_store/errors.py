@@ -3,10 +3,22 @@
 
 Every message says what is wrong AND how to fix it. The HTTP layer turns any `BundleError` into
 `{"error": {"type": err.error_type, "message": str(err)}}` with status `err.status`; the CLI prints the
-message and exits 1. This module only defines the types; it raises nothing itself.
+message and exits 1. Every message is bounded: one longer than `MAX_MESSAGE_CHARS` is cut (quoted client
+content inside it is cut shorter where it is built). Messages raised by `prompts_store.store` name bundles
+(`name@version`), never a filesystem path. This module only defines the types; it raises nothing itself.
 """
 
 from __future__ import annotations
+
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message`, cut to at most `limit` characters (with a marker saying so)."""
+    if len(message) <= limit:
+        return message
+    marker = " ... (message truncated)"
+    return message[: limit - len(marker)] + marker
 
 
 class BundleError(Exception):
@@ -14,6 +26,9 @@ class BundleError(Exception):
 
     status = 400
     error_type = "bundle_error"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(bounded(str(message)))
 
 
 class BundleFileSetError(BundleError):
@@ -120,3 +135,10 @@ class BundleStoreError(BundleError):
 
     status = 500
     error_type = "bundle_store"
+
+
+class BundleStoreFullError(BundleStoreError):
+    """A publish failed because the store's disk (or quota) is full; nothing was published."""
+
+    status = 507
+    error_type = "bundle_store_full"

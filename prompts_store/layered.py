@@ -35,7 +35,7 @@ from prompts_store.errors import BundleConflictError, BundleError, BundleNotFoun
 from prompts_store.format import read_bundle_bytes
 from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.names import parse_ref
-from prompts_store.store import BundleInfo, BundleRef, BundleStore, VersionInfo
+from prompts_store.store import BrokenName, BundleInfo, BundleRef, BundleStore, StoreListing, VersionInfo
 from prompts_store.store_index import read_index
 from prompts_store.validate import LoadedBundle
 
@@ -132,18 +132,26 @@ class LayeredBundleStore:
         raise errors[0]
 
     def list(self) -> list[BundleInfo]:
-        """Every name of every layer (sorted): versions oldest layer first, `latest` as `resolve(name)`."""
+        """Every readable name of every layer (sorted): versions oldest layer first, `latest` as
+        `resolve(name)`."""
+        return self.scan().bundles
+
+    def scan(self) -> StoreListing:
+        """`list`, plus every layer's names whose index cannot be read (`BundleStore.scan`)."""
         names: dict[str, list[str]] = {}
+        broken: list[BrokenName] = []
         for layer in reversed(self.layers):
-            for info in layer.list():
+            listing = layer.scan()
+            broken.extend(listing.broken)
+            for info in listing.bundles:
                 names.setdefault(info.name, []).extend(v for v in info.versions if v not in names[info.name])
         out = []
         for name in sorted(names):
             try:
                 out.append(BundleInfo(name, names[name], self.resolve(name)))
-            except BundleNotFoundError:  # deleted meanwhile
+            except BundleError:  # deleted meanwhile, or unreadable in another layer
                 continue
-        return out
+        return StoreListing(out, broken)
 
     def inspect(self, ref: str) -> builtins.list[VersionInfo]:
         """Every version of `name` across the layers (oldest layer first), or the one `name@version` names."""

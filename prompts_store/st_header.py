@@ -37,6 +37,9 @@ ITEM_SIZES = {
     "U8": 1,
     "BOOL": 1,
 }
+MAX_TENSORS = 4096  # a bundle holds a handful (prompts + projector); bounds the work of one header check
+MAX_DIMS = 8  # dimensions per shape
+_QUOTE_CHARS = 100  # how much of a client-chosen tensor name an error message quotes
 _FIX = "re-export the bundle with `prompts_store.save_bundle` (or `m2pt train`): it writes real safetensors"
 
 
@@ -61,6 +64,27 @@ class SafetensorsHeader:
         return 8 + self.header_len
 
 
+def _q(name: str) -> str:
+    """A tensor name as error messages quote it: repr, cut to `_QUOTE_CHARS`."""
+    text = repr(name)
+    return text if len(text) <= _QUOTE_CHARS else text[: _QUOTE_CHARS - 3] + "..."
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
 def _bad(why: str) -> BundleNotSafetensorsError:
     return BundleNotSafetensorsError(f"tensors file is not a valid safetensors file: {why}; {_FIX}")
 
@@ -80,32 +104,40 @@ def _read_json_header(data: bytes, max_header_bytes: int) -> tuple[int, object]:
         )
     try:
         text = data[8 : 8 + n].decode("utf-8")
-        return n, json.loads(text)
+        return n, json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKeyError as exc:
+        raise _bad(
+            f"header names {_q(exc.key)} twice (a duplicate tensor or field name; readers would silently "
+            "keep only one)"
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _bad(f"header is not UTF-8 JSON ({type(exc).__name__})") from None
 
 
 def _parse_entry(name: str, raw: object) -> TensorEntry:
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
-        raise _bad(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+        raise _bad(f"entry {_q(name)} must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     if dtype not in ITEM_SIZES:
-        raise _bad(f"entry {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _bad(f"entry {name!r} has a shape that is not a list of non-negative integers")
+        raise _bad(f"entry {_q(name)} has unknown dtype {_q(str(dtype))}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+        raise _bad(f"entry {_q(name)} has a shape that is not a list of at most {MAX_DIMS} dimensions")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise _bad(f"entry {_q(name)} has a shape that is not a list of non-negative integers")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise _bad(f"entry {name!r} has data_offsets that are not [begin, end] with 0 <= begin <= end")
+        raise _bad(f"entry {_q(name)} has data_offsets that are not [begin, end] with 0 <= begin <= end")
     numel = 1
     for d in shape:
         numel *= d  # Python ints: no overflow
     if numel * ITEM_SIZES[dtype] != offsets[1] - offsets[0]:
         raise _bad(
-            f"entry {name!r}: shape {shape} x {dtype} does not match its {offsets[1] - offsets[0]} data bytes"
+            f"entry {_q(name)}: shape {shape} x {dtype} does not match its "
+            f"{offsets[1] - offsets[0]} data bytes"
         )
     return TensorEntry(dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
 
@@ -120,11 +152,13 @@ def parse_header(data: bytes, max_header_bytes: int) -> SafetensorsHeader:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _bad("__metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise _bad(f"header lists {len(header)} tensors, over the cap of {MAX_TENSORS}")
     tensors = {name: _parse_entry(name, raw) for name, raw in header.items()}
     cursor = 0
     for name, entry in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if entry.begin != cursor:
-            raise _bad(f"entry {name!r} starts at byte {entry.begin}, expected {cursor} (overlap or gap)")
+            raise _bad(f"entry {_q(name)} starts at byte {entry.begin}, expected {cursor} (overlap or gap)")
         cursor = entry.end
     buffer_len = len(data) - 8 - n
     if cursor != buffer_len:

@@ -10,7 +10,14 @@ Contract:
   processes) get distinct versions. A crash at any moment leaves the old or the new state; debris is swept
   when a store is opened while no publish or delete is in flight (see `prompts_store.store_index` for the
   layout and locks).
-- Names and versions are validated before any path is built; symlinks in the store are refused.
+- Names and versions are validated before any path is built (`prompts_store.names`: a strict grammar that
+  can never spell `index.json`, a temp or lock file, `.`/`..` or a case variant), so publishing can never
+  replace the store's own files; symlinks in the store are refused.
+- One unreadable name (a hand-edited index, bad permissions) never breaks the others: `list` skips it with a
+  logged warning and reports it in `scan().broken`; resolving, loading and publishing other names work.
+- Messages of the errors raised here name bundles (`name@version`), never a filesystem path (paths go to the
+  log). A write that fails (disk full, quota, I/O error) raises `BundleStoreFullError` (507) or
+  `BundleStoreError` and publishes nothing.
 It does not cache loaded bundles or talk HTTP; the server does.
 """
 
@@ -29,6 +36,7 @@ from m2pt.spec import ModelSpec
 from prompts_store.atomic import TMP_MARK, fsync_dir, remove_tree, write_durable
 from prompts_store.errors import (
     BundleConflictError,
+    BundleError,
     BundleFileSetError,
     BundleHashError,
     BundleNotFoundError,
@@ -37,7 +45,7 @@ from prompts_store.errors import (
 from prompts_store.format import TENSORS_FILE, encode_bundle, read_bundle_bytes, read_manifest
 from prompts_store.limits import DEFAULT_LIMITS, BundleLimits
 from prompts_store.manifest import MANIFEST_FILE, utc_now_iso
-from prompts_store.names import NAME_RE, parse_ref, validate_name, validate_version
+from prompts_store.names import is_valid, parse_ref, validate_name, validate_version
 from prompts_store.store_index import (
     INDEX_FILE,
     LOCKS_DIR,
@@ -49,6 +57,12 @@ from prompts_store.store_index import (
     read_index,
     try_flock_exclusive,
     write_index,
+)
+from prompts_store.store_safety import (
+    ensure_reserve,
+    without_paths,
+    write_index_spending_reserve,
+    writes_reported,
 )
 from prompts_store.validate import LoadedBundle, validate_bytes
 
@@ -77,6 +91,21 @@ class BundleInfo:
     name: str
     versions: list[str]
     latest: BundleRef
+
+
+@dataclass(frozen=True)
+class BrokenName:
+    """A name whose index cannot be read: listed apart so that the other names keep working."""
+
+    name: str
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StoreListing:
+    bundles: list[BundleInfo]
+    broken: list[BrokenName]
 
 
 @dataclass(frozen=True)
@@ -123,12 +152,17 @@ class BundleStore:
                 f"cannot create bundle store at {self.root}: {exc}; choose a writable directory"
             ) from None
         self.sweep()
+        ensure_reserve(self.root)
 
     # ---- paths and locks -----------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
         path = self.root / validate_name(name)
         if path.is_symlink():
-            raise BundleStoreError(f"{path} is a symlink; the store never follows links: remove it")
+            log.warning("bundle store: %s is a symlink, refused", path)
+            raise BundleStoreError(
+                f"bundle {name!r} is a symlink in the store, and the store never follows links: "
+                "remove it (the server log names the path)"
+            )
         return path
 
     def _store_lock(self, shared: bool = True):
@@ -151,12 +185,15 @@ class BundleStore:
             for entry in (self.root / TMP_DIR).iterdir():
                 remove_tree(entry)
             for name_dir in self._name_dirs():
-                self._sweep_name(name_dir)
+                try:
+                    self._sweep_name(name_dir)
+                except BundleStoreError as exc:  # an unreadable index: leave that name alone
+                    log.warning("bundle store: not sweeping %s: %s", name_dir.name, exc)
         return True
 
     def _name_dirs(self) -> list[Path]:
         return sorted(
-            p for p in self.root.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+            p for p in self.root.iterdir() if is_valid(p.name) and p.is_dir() and not p.is_symlink()
         )
 
     def _sweep_name(self, name_dir: Path) -> None:
@@ -207,15 +244,16 @@ class BundleStore:
             validate_version(version)
         loaded = validate_bytes(manifest_bytes, tensor_bytes, spec, limits)
         name = name or loaded.manifest.name
-        with self._store_lock(shared=True):
-            staging = self.root / TMP_DIR / uuid.uuid4().hex
-            try:
-                os.mkdir(staging)
-                write_durable(staging / TENSORS_FILE, tensor_bytes)
-                with self._name_lock(name):
-                    ref = self._commit(staging, loaded, name, version)
-            finally:
-                remove_tree(staging)
+        with writes_reported(self.root, "publish", f"{name}@{version}" if version else name):
+            with self._store_lock(shared=True):
+                staging = self.root / TMP_DIR / uuid.uuid4().hex
+                try:
+                    os.mkdir(staging)
+                    write_durable(staging / TENSORS_FILE, tensor_bytes)
+                    with self._name_lock(name):
+                        ref = self._commit(staging, loaded, name, version)
+                finally:
+                    remove_tree(staging)
         log.info("published bundle %s (%s)", ref.label, ref.content_hash)
         return ref
 
@@ -266,14 +304,24 @@ class BundleStore:
         return self._ref(name, entry)
 
     def list(self) -> list[BundleInfo]:
-        """Every name with at least one version, sorted by name."""
-        out = []
+        """Every readable name with at least one version, sorted by name (unreadable ones are skipped with a
+        logged warning; `scan` reports them)."""
+        return self.scan().bundles
+
+    def scan(self) -> StoreListing:
+        """`list`, plus the names whose index cannot be read (each with its error)."""
+        out, broken = [], []
         for name_dir in self._name_dirs():
-            index = read_index(name_dir, name_dir.name)
+            try:
+                index = read_index(name_dir, name_dir.name)
+            except BundleStoreError as exc:
+                log.warning("bundle store: skipping unreadable bundle %s: %s", name_dir.name, exc)
+                broken.append(BrokenName(name_dir.name, exc.error_type, str(exc)))
+                continue
             if index.latest is not None:
                 versions = [e.version for e in index.versions]
                 out.append(BundleInfo(name_dir.name, versions, self._ref(name_dir.name, index.latest)))
-        return out
+        return StoreListing(out, broken)
 
     def inspect(self, ref: str) -> builtins.list[VersionInfo]:  # (`list` here is the method above)
         """Details of every version of `name` (oldest first), or of the one version `name@version` names."""
@@ -292,8 +340,12 @@ class BundleStore:
         try:
             m = read_manifest(path)
             size = sum((path / f).stat().st_size for f in (MANIFEST_FILE, TENSORS_FILE))
-        except (FileNotFoundError, BundleFileSetError):
+        except (FileNotFoundError, BundleFileSetError) as exc:
+            if path.exists() and isinstance(exc, BundleFileSetError):
+                raise without_paths(exc, self.root, path, f"{name}@{version}") from None
             raise BundleNotFoundError(f"{name}@{version} was deleted meanwhile") from None
+        except BundleError as exc:
+            raise without_paths(exc, self.root, path, f"{name}@{version}") from None
         entry = read_index(self._name_dir(name), name).find(version)
         return VersionInfo(
             name=name,
@@ -323,10 +375,18 @@ class BundleStore:
             ref = self.resolve(ref)
         try:
             loaded = load_bundle(ref.path, spec, limits)
-        except BundleFileSetError:
+        except BundleFileSetError as exc:
             if not ref.path.exists():
                 raise BundleNotFoundError(f"{ref.label} was deleted; resolve the name again") from None
-            raise
+            raise without_paths(exc, self.root, ref.path, ref.label) from None
+        except BundleError as exc:
+            raise without_paths(exc, self.root, ref.path, ref.label) from None
+        except OSError as exc:
+            log.error("bundle store: reading %s (%s) failed: %s", ref.label, ref.path, exc)
+            raise BundleStoreError(
+                f"{ref.label} could not be read from the store ({type(exc).__name__}); the server log has "
+                "the details"
+            ) from None
         if loaded.content_hash != ref.content_hash:
             raise BundleHashError(
                 f"{ref.label} on disk has content hash {loaded.content_hash}, the store index says "
@@ -343,9 +403,21 @@ class BundleStore:
         """
         if version is not None:
             validate_version(version)
+        with writes_reported(self.root, "delete", f"{name}@{version}" if version else name):
+            refs = self._delete_locked(name, version)
+        ensure_reserve(self.root)
+        log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
+        return refs
+
+    def _delete_locked(self, name: str, version: str | None) -> builtins.list[BundleRef]:
         with self._store_lock(shared=True), self._name_lock(name):
             name_dir = self._name_dir(name)
-            index = read_index(name_dir, name)
+            try:
+                index = read_index(name_dir, name)
+            except BundleStoreError:
+                if version is not None:
+                    raise
+                return self._delete_broken(name, name_dir)
             gone = [e for e in index.versions if version is None or e.version == version]
             if not gone:
                 what = f"{name}@{version}" if version else name
@@ -353,7 +425,8 @@ class BundleStore:
                     f"no bundle {what} to delete; `m2pt bundle list` shows what is published"
                 )
             keep = tuple(e for e in index.versions if e not in gone)
-            write_index(name_dir, NameIndex(name, index.next_auto, keep))  # commit point
+            # the commit point
+            write_index_spending_reserve(self.root, name_dir, NameIndex(name, index.next_auto, keep))
             refs = [self._ref(name, e) for e in gone]
             for ref in refs:
                 if ref.path.exists():
@@ -361,5 +434,14 @@ class BundleStore:
                     os.rename(ref.path, trash)
                     remove_tree(trash)
             fsync_dir(name_dir)
-        log.info("deleted bundle(s) %s", ", ".join(r.label for r in refs))
         return refs
+
+    def _delete_broken(self, name: str, name_dir: Path) -> builtins.list[BundleRef]:
+        """Delete a whole name whose index is unreadable (the way out of a hand-edited store). Under the name
+        lock; the rename out of the root is the commit point."""
+        trash = self.root / TMP_DIR / uuid.uuid4().hex
+        os.rename(name_dir, trash)
+        fsync_dir(self.root)
+        remove_tree(trash)
+        log.warning("deleted unreadable bundle %s", name)
+        return [BundleRef(name, "*", "", name_dir)]

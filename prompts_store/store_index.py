@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ from pathlib import Path
 
 from prompts_store.atomic import read_capped, write_atomic
 from prompts_store.errors import BundleStoreError
+from prompts_store.names import is_valid
 
+log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 LOCKS_DIR = ".locks"
 TMP_DIR = ".tmp"
@@ -70,25 +73,44 @@ class NameIndex:
 
 
 def read_index(name_dir: Path, name: str) -> NameIndex:
-    """The index of `name` (an empty one when the name was never published)."""
+    """The index of `name` (an empty one when the name was never published).
+
+    Raises `BundleStoreError` naming the bundle (the path goes to the log only) when the index cannot be read
+    or does not hold a well-formed list of valid versions."""
     path = name_dir / INDEX_FILE
     try:
         data = read_capped(path, _MAX_INDEX_BYTES)
     except FileNotFoundError:
         return NameIndex(name=name)
     except OSError as exc:
+        log.warning("bundle store: cannot read %s: %s", path, exc)
         raise BundleStoreError(
-            f"cannot read {path} ({exc}); check the store directory's permissions"
+            f"the index of bundle {name!r} cannot be read ({type(exc).__name__}); check the store "
+            "directory's permissions (the server log names the file)"
         ) from None
     try:
-        raw = json.loads(data or b"")
-        entries = tuple(IndexEntry(**e) for e in raw["versions"])
-        return NameIndex(name=name, next_auto=int(raw["next_auto"]), versions=entries)
+        return _parse_index(data, name)
     except (ValueError, KeyError, TypeError) as exc:
+        log.warning("bundle store: %s is unreadable (%s: %s)", path, type(exc).__name__, exc)
         raise BundleStoreError(
-            f"{path} is unreadable ({type(exc).__name__}); it is only written atomically, so the store "
-            "directory was edited by hand: restore it from backup or delete the name's directory"
+            f"the index of bundle {name!r} is unreadable ({type(exc).__name__}); it is only written "
+            "atomically, so the store was edited by hand: restore it from backup, or delete the bundle "
+            "(the server log names the file)"
         ) from None
+
+
+def _parse_index(data: bytes | None, name: str) -> NameIndex:
+    raw = json.loads(data or b"")
+    entries = tuple(IndexEntry(**e) for e in raw["versions"])
+    next_auto = raw["next_auto"]
+    if type(next_auto) is not int or next_auto < 1:
+        raise ValueError("next_auto is not a positive integer")
+    for e in entries:
+        if not is_valid(e.version) or not all(isinstance(v, str) for v in (e.content_hash, e.published_at)):
+            raise ValueError("an entry has an invalid version or a non-string field")
+    if len({e.version for e in entries}) != len(entries):
+        raise ValueError("a version is listed twice")
+    return NameIndex(name=name, next_auto=next_auto, versions=entries)
 
 
 def write_index(name_dir: Path, index: NameIndex) -> None:

@@ -15,8 +15,11 @@ lifespan hands the app the same `BundleStore` instance the engine serves from.
 Security by construction: `/health`, `/ready`, `/metrics` and the playground page (`/`, `/playground`) are the
 only public routes. Every other route must carry one of the auth dependencies of `server.api.deps`
 (router-level), and `create_app` raises if one does not, so a new route cannot be added unprotected by
-mistake. The interactive docs and the OpenAPI schema are not served. Request bodies are capped by
-`BodyLimitMiddleware` before parsing; chat requests are counted by bundle and status.
+mistake. The interactive docs and the OpenAPI schema are not served, and no route redirects (no trailing-slash
+redirects: they would point at the client-chosen `Host`). Chat requests are authenticated before their body is
+read (`AuthBeforeBodyMiddleware`), bodies are capped by `BodyLimitMiddleware` before parsing, chat requests are
+counted by bundle and status, and `DrainMiddleware` counts requests in flight for a graceful shutdown
+(`app.state.drain`, `server.api.shutdown`).
 """
 
 from __future__ import annotations
@@ -33,9 +36,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import BaseRoute, Mount
 
 from server.api import routes_chat, routes_health, routes_openai, routes_ops, routes_playground
-from server.api.deps import AUTH_DEPENDENCIES
+from server.api.deps import AUTH_DEPENDENCIES, check_api_key
+from server.api.drain import DrainState
 from server.api.errors import install_error_handlers
-from server.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from server.api.middleware import (
+    AuthBeforeBodyMiddleware,
+    BodyLimitMiddleware,
+    DrainMiddleware,
+    RequestMetricsMiddleware,
+)
 from server.metrics import ServerMetrics
 from server.settings import Settings
 
@@ -46,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/completions"})
+API_KEY_PATHS = CHAT_PATHS | {"/v1/models"}
 UPLOAD_PATHS = frozenset({"/v1/bundles"})
 PUBLIC_PATHS = routes_health.PUBLIC_PATHS | routes_playground.PUBLIC_PATHS
 
@@ -65,6 +75,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        redirect_slashes=False,  # a slash redirect would point at the client-chosen Host header
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -72,6 +83,7 @@ def create_app(
     app.state.store, app.state.spec = store, spec
     app.state.bundle_limits = settings.bundle_limits()
     app.state.started_at = time.time()
+    app.state.drain = DrainState()
     install_error_handlers(app)
     app.include_router(routes_health.router)
     app.include_router(routes_chat.router)
@@ -84,7 +96,9 @@ def create_app(
         upload_limit=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
     )
+    app.add_middleware(AuthBeforeBodyMiddleware, check=check_api_key, paths=API_KEY_PATHS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, paths=CHAT_PATHS)
+    app.add_middleware(DrainMiddleware, state=app.state.drain, public_paths=routes_health.PUBLIC_PATHS)
     check_routes_protected(app)
     return app
 

@@ -7,8 +7,9 @@ Dockerfile does). Every `server.settings.Settings` field but the secrets has a f
 documentation. Each flag also reads an environment variable, `M2PT_` + the flag's name (`--max-text-tokens` ->
 `M2PT_MAX_TEXT_TOKENS`; a flag given wins; list flags take a comma-separated value, switches 1/0, true/false,
 yes/no, on/off). Secrets come from the environment only: `M2PT_API_KEY` (chat routes) and `M2PT_OPS_TOKEN` (ops
-routes). Bad settings print one line per problem and exit with status 2 before anything is loaded. The log level
-is the global `m2pt --log-level`.
+routes). SIGTERM drains gracefully (`server.api.shutdown`; `--shutdown-timeout`) and exits 0. Bad settings print
+one line per problem and exit with status 2 before anything is loaded. The log level is the global
+`m2pt --log-level`.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside `run_serve`, not at import time.
 """
@@ -79,6 +80,9 @@ def _from_env(text: str, kwargs: Mapping[str, Any]) -> Any:
         word = text.strip().lower()
         return True if word in _TRUE else False if word in _FALSE else text
     return text
+
+
+_UVICORN_GRACE_S = 5.0  # uvicorn's own wait for connections after our drain has ended
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -168,6 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return _run_cluster(args, settings)
     import uvicorn
 
+    from server.api.shutdown import GracefulServer
     from server.app import create_app
 
     log.info(
@@ -178,17 +183,20 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.store,
         ", ".join(map(str, settings.read_only_stores)) or "none",
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the logging set up by `m2pt --log-level`
         log_level=str(getattr(args, "log_level", "info")).lower(),
         access_log=args.access_log,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        timeout_graceful_shutdown=_UVICORN_GRACE_S,  # our own drain (GracefulServer) comes first
         server_header=False,
     )
-    return 0
+    server = GracefulServer(config, app, settings.shutdown_timeout_s)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _run_cluster(args: argparse.Namespace, settings) -> int:

@@ -45,6 +45,17 @@ def _user_store() -> Path:
     return user_store_dir()
 
 
+def _env_float(name: str, default: float) -> float | str:
+    """A number from the environment (a non-number is returned as is, so validation reports it)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def _env_secret(name: str) -> SecretStr | None:
     value = os.environ.get(name, "")
     return SecretStr(value) if value else None
@@ -71,7 +82,14 @@ class Settings(BaseModel):
     # Network.
     host: str = Field("127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 in containers")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
-    shutdown_timeout_s: float = Field(30.0, gt=0, le=3600, description="graceful drain time on SIGTERM")
+    shutdown_timeout_s: float = Field(
+        default_factory=lambda: _env_float("M2PT_SHUTDOWN_TIMEOUT", 30.0),
+        validate_default=True,
+        gt=0,
+        le=3600,
+        description="on SIGTERM, how long requests in flight may run before they are cut (env "
+        "M2PT_SHUTDOWN_TIMEOUT)",
+    )
 
     # Device.
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")

@@ -22,7 +22,8 @@ KEY = "playground-api-key"
 
 def client(tmp_path, store=None) -> TestClient:
     settings = Settings(api_key=SecretStr(KEY), ops_token=None, store=tmp_path / "user")
-    return TestClient(create_app(settings, FakeEngine(store=store)), raise_server_exceptions=False)
+    app = create_app(settings, FakeEngine(store=store), store=store)
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def test_page_is_public_self_contained_and_locked_down(tmp_path):

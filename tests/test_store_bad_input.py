@@ -323,7 +323,7 @@ def test_store_refuses_and_writes_nothing(case, good_dir, tmp_path, tiny):
 def test_every_error_type_has_status_and_stable_type():
     types = [c for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.BundleError)]
     assert len({c.error_type for c in types}) == len(types)
-    assert {c.status for c in types} <= {400, 404, 409, 413, 422, 500}
+    assert {c.status for c in types} <= {400, 404, 409, 413, 422, 500, 507}
 
 
 def test_fingerprint_message_names_expected_model(good_dir, tiny):

@@ -193,7 +193,9 @@ def test_ops_api_uploads_to_the_user_store_and_refuses_demo_deletes(tiny, demo_d
     store = LayeredBundleStore(BundleStore(tmp_path / "user"), [ReadOnlyBundleStore(demo_dir)])
     app = create_app(
         Settings(api_key=None, ops_token=SecretStr(OPS), store=tmp_path / "user"),
-        FakeEngine(store=store, spec=tiny.spec),
+        FakeEngine(store=store),
+        store=store,
+        spec=tiny.spec,
     )
     auth = {"Authorization": f"Bearer {OPS}"}
     manifest, tensors = encode_bundle(tiny_prompts(tiny, seed=5), tiny.spec, "digits", None, {})

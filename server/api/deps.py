@@ -13,6 +13,8 @@ Auth contract (design.md §5, issue 4):
 - tokens are compared with `hmac.compare_digest` on bytes; they are only read from the `Authorization` header
   (never from the query string).
 
+The chat routes' check also runs as ASGI middleware BEFORE the body is parsed (`check_api_key`, see
+`server.api.middleware.AuthBeforeBodyMiddleware`), so malformed bodies of unauthenticated clients get 401.
 Both are attached as router-level dependencies (see `server.app`), and `server.app` refuses to build an app in
 which a non-public route lacks one of them. `AUTH_DEPENDENCIES` is that allowlist.
 """
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from pydantic import SecretStr
+from starlette.requests import Request as StarletteRequest
 
 from server.api.errors import AuthError, ForbiddenError
 from server.engine.errors import EngineNotReadyError
@@ -39,7 +42,7 @@ if (
 _STARTING = "the server is still starting (loading the model); retry when /ready answers 200"
 
 
-def _bearer_token(request: Request) -> str | None:
+def _bearer_token(request: Request | StarletteRequest) -> str | None:
     header = request.headers.get("authorization")
     if not header:
         return None
@@ -55,7 +58,7 @@ def _matches(token: str | None, secret: SecretStr) -> bool:
     return hmac.compare_digest(token.encode("utf-8"), secret.get_secret_value().encode("utf-8"))
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: Request | StarletteRequest) -> Settings:
     return request.app.state.settings
 
 
@@ -94,13 +97,19 @@ LimitsDep = Annotated["BundleLimits", Depends(get_bundle_limits)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def require_api_key(request: Request) -> None:
-    """Chat routes: `Authorization: Bearer $M2PT_API_KEY` when an API key is configured."""
+def check_api_key(request: Request | StarletteRequest) -> None:
+    """Raise `AuthError` unless the request carries the API key (when one is configured). Headers only: the
+    ASGI auth middleware calls it before the body is read."""
     key = get_settings(request).api_key
     if key is None:
         return
     if not _matches(_bearer_token(request), key):
         raise AuthError("missing or wrong API key: send 'Authorization: Bearer <M2PT_API_KEY>'")
+
+
+async def require_api_key(request: Request) -> None:
+    """Chat routes: `Authorization: Bearer $M2PT_API_KEY` when an API key is configured."""
+    check_api_key(request)
 
 
 async def require_ops_token(request: Request) -> None:

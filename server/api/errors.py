@@ -11,6 +11,7 @@ Mapped here:
 - anything else → 500 "internal error" (details are logged, never sent: no tracebacks or library text to
   clients).
 
+Every message sent is cut to `MAX_MESSAGE_CHARS` (error bodies and in-band SSE errors alike).
 Engine and bundle errors carry their own status; the image errors get theirs here.
 """
 
@@ -85,8 +86,20 @@ class PayloadTooLargeError(StarletteHTTPException):
         self.limit = limit
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to at most `limit` characters: no error body echoes unbounded client content."""
+    if len(message) <= limit:
+        return message
+    marker = " ... (message truncated)"
+    return message[: limit - len(marker)] + marker
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": error_type, "message": message}}
+    """The error shape; the message is bounded (`bounded_message`)."""
+    return {"error": {"type": error_type, "message": bounded_message(message)}}
 
 
 def error_response(
@@ -97,6 +110,7 @@ def error_response(
     if status in RETRY_STATUSES:
         headers.setdefault("Retry-After", "1")
     safe = message.encode("utf-8", "backslashreplace").decode("utf-8")  # never fail on odd characters
+    safe = bounded_message(safe)
     return JSONResponse(error_body(error_type, safe), status_code=status, headers=headers)
 
 

@@ -29,7 +29,7 @@ def version_card(info: Any, read_only: bool) -> dict[str, Any]:
         "latest": info.latest,
         "read_only": read_only,
         "created_at": info.created_at,
-        "base_model": info.base_model.get("model_id"),
+        "base_model": _public_model_id(info.base_model.get("model_id")),
         "text_prompts": info.text_prompts,
         "visual_prompts": info.visual_prompts,
         "has_projector": info.has_projector,
@@ -75,3 +75,11 @@ def bundle_models(store: Any, base_id: str) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def _public_model_id(model_id: object) -> str | None:
+    """The base model id a bundle was trained on, as clients may see it: a hub id as is, a local path by its
+    last component only (no path of the server in any answer)."""
+    if not isinstance(model_id, str) or not model_id:
+        return None
+    return model_id.rstrip("/").rsplit("/", 1)[-1] if model_id.startswith(("/", ".", "~")) else model_id

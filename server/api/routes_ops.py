@@ -6,7 +6,8 @@
   it becomes visible; a bad upload writes nothing. 201 `{"bundle": "name@version", "name", "version",
   "content_hash"}`. New chat requests use the new version at once; in-flight ones keep the version they
   pinned.
-- `GET /v1/bundles`: every name with its versions and latest version.
+- `GET /v1/bundles`: every name with its versions and latest version; names whose index cannot be read are
+  listed apart under `unreadable` (only present then; with the error) instead of failing the whole listing.
 - `GET /v1/bundles/{name}` (or `name@version`): versions, sizes, shapes, creation time, provenance, training
   metrics and this server's request/token counts per version.
 - `DELETE /v1/bundles/{name}`, `/v1/bundles/{name}@{version}` or `/v1/bundles/{name}/{version}`: new requests
@@ -110,8 +111,8 @@ def _text_field(value: Any, field: str) -> str | None:
 
 @router.get("/v1/bundles")
 async def list_bundles(store: StoreDep) -> dict[str, Any]:
-    infos = await run_in_threadpool(store.list)
-    return {
+    listing = await run_in_threadpool(store.scan)
+    out: dict[str, Any] = {
         "bundles": [
             {
                 "name": i.name,
@@ -119,9 +120,14 @@ async def list_bundles(store: StoreDep) -> dict[str, Any]:
                 "latest": i.latest.label,
                 "content_hash": i.latest.content_hash,
             }
-            for i in infos
+            for i in listing.bundles
         ]
     }
+    if listing.broken:  # names whose index cannot be read: listed apart so that the others keep working
+        out["unreadable"] = [
+            {"name": b.name, "error": {"type": b.error_type, "message": b.message}} for b in listing.broken
+        ]
+    return out
 
 
 @router.get("/v1/bundles/{ref}")
