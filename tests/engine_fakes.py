@@ -82,9 +82,12 @@ class ScriptedRunner:
         self.decoding.clear()
 
 
-def make_row(request_id: str, prompt_len: int, image_tokens: int = 0, bundle: str = "base") -> PreparedRow:
+def make_row(
+    request_id: str, prompt_len: int, image_tokens: int = 0, bundle: str = "base", spans=()
+) -> PreparedRow:
     ids = [7] * prompt_len
-    return PreparedRow(request_id, ids, None, ["img"] if image_tokens else [], None, bundle, image_tokens)
+    images = ["img"] if image_tokens else []
+    return PreparedRow(request_id, ids, None, images, None, bundle, image_tokens, atomic_spans=tuple(spans))
 
 
 class Collected:
@@ -115,11 +118,12 @@ def make_request(
     bundle: str = "base",
     deadline: float | None = None,
     ignore_eos: bool = False,
+    spans: tuple[tuple[int, int], ...] = (),
 ) -> tuple[Request, Collected]:
     sink = Collected()
     request = Request(
         request_id=request_id,
-        row=make_row(request_id, prompt_len, image_tokens, bundle),
+        row=make_row(request_id, prompt_len, image_tokens, bundle, spans),
         sampling=SamplingParams(max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos),
         bundle_key=bundle,
         bundle_label=None if bundle == "base" else f"{bundle}@v1",

@@ -5,6 +5,7 @@ engine-level fault), the token budget, fairness, and that nothing is stranded or
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ from engine_fakes import EOS, Core, make_request
 
 from server.engine.config import EngineConfig
 from server.engine.errors import QueueFullError
+from server.engine.scheduler import chunk_end
 from server.engine.types import GenerationRequest, SamplingParams
 
 
@@ -174,6 +176,32 @@ def test_image_encode_is_budgeted_and_never_blocks():
     core.run(until=lambda: img.final is not None)
     encodes = [out for out in core.runner.calls if "img" in out.encode]
     assert len(encodes) == 1 and not [c for c in encodes[0].chunks if c.request_id == "img"]
+    assert img.final.finish_reason == "length"
+
+
+def test_chunk_end_never_cuts_a_span():
+    spans = [(3, 9), (12, 14)]
+    assert chunk_end(0, 5, spans) == 3  # stop before the span: other tokens come first
+    assert chunk_end(3, 5, spans) == 9  # the span starts the chunk: take it whole, over the budget
+    assert chunk_end(9, 13, spans) == 12
+    assert chunk_end(0, 9, spans) == 9 and chunk_end(0, 10, spans) == 10  # boundaries are fine
+    assert chunk_end(0, 5, []) == 5
+
+
+def test_prefill_chunks_keep_atomic_spans_whole_whatever_the_budget():
+    """Gemma 3's images attend both ways, so a chunk may not split one (`ModelFamily.prefill_spans`)."""
+    spans = ((2, 12), (14, 20))
+    core = Core(EngineConfig(max_batch_size=4, max_num_batched_tokens=4))
+    core.add("a", max_tokens=20, ignore_eos=True)
+    core.run(max_steps=2)
+    img = core.add("img", prompt_len=24, max_tokens=2, spans=spans)
+    core.run(until=lambda: img.final is not None)
+    chunks = [(c.start, c.end) for out in core.runner.calls for c in out.chunks if c.request_id == "img"]
+    assert chunks[0][0] == 0 and chunks[-1][1] == 24
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))  # contiguous, in order
+    for start, end in chunks:
+        assert not any(a < cut < b for cut in (start, end) for a, b in spans), (start, end)
+    assert (2, 12) in chunks  # the 10-token span ran alone in one chunk, over the 4-token budget
     assert img.final.finish_reason == "length"
 
 

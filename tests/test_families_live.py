@@ -126,3 +126,31 @@ def test_unsupported_checkpoint_exits_before_ready(tmp_path):
     assert done.returncode != 0, output
     assert "refusing to serve this model" in output and "Qwen2VLForConditionalGeneration (Qwen2-VL" in output
     assert "supported: LlavaForConditionalGeneration" in output
+
+
+def test_gemma3_under_a_tiny_token_budget_equals_hf_generate(tmp_path):
+    """A budget of 2 tokens per step would cut every Gemma 3 image in pieces; the scheduler keeps each image's
+    placeholder run in one chunk (`ModelFamily.prefill_spans`), so answers still equal HF `generate`, alone
+    and when several requests prefill side by side."""
+    from m2pt.loading import load_frozen_llava
+    from server.app import create_app
+    from training.tiny import build_tiny_llava
+
+    model_dir = build_tiny_llava(tmp_path / "gemma3", tiny_config("gemma3"))
+    frozen = load_frozen_llava(str(model_dir), device="cpu", dtype="float32")
+    placeholders = frozen.family.prefill_spans(
+        frozen.model,
+        frozen.processor(images=[image(0)], text=frozen.processor.image_token, return_tensors="pt")[
+            "input_ids"
+        ][0],
+    )
+    assert placeholders and placeholders[0][1] - placeholders[0][0] > 2  # the budget really is smaller
+    settings = make_settings(model_dir, tmp_path / "store", max_batch_size=2, max_num_batched_tokens=2)
+    jobs = [(INSTRUCTIONS[i % 4], image(20 + i)) for i in range(4)]
+    want = [hf_generate(frozen, ins, img, 6).strip() for ins, img in jobs]
+    with LiveServer(create_app(settings)) as live:
+        assert wait_until(lambda: httpx.get(live.url + "/ready").status_code == 200, timeout=60)
+        alone = [chat(live.url, ins, img, None, steps=6)["text"].strip() for ins, img in jobs]
+        with futures.ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(lambda job: chat(live.url, *job, None, steps=6)["text"].strip(), jobs))
+    assert alone == want and together == want

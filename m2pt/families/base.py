@@ -116,6 +116,12 @@ class ModelFamily(ABC):
     def decode_step(self, model: nn.Module, state: DecodeState, tokens: Tensor) -> Tensor:
         """Feed one token per row (`[B]` long); next-token logits `[B, V]`; advances `state` in place."""
 
+    def prefill_spans(self, model: nn.Module, input_ids: Tensor) -> list[tuple[int, int]]:
+        """Token ranges `[start, end)` of a prompt (`input_ids` [T]) that chunked prefill must feed in one chunk
+        (sorted, disjoint). Default: none, any boundary is valid. Gemma 3: each image's run of placeholder
+        tokens (they attend to each other both ways). The serving scheduler never cuts inside one."""
+        return []
+
     def chunk_end(self, model: nn.Module, row: RowInput, end: int) -> int:
         """The first valid chunk boundary at or after `end` for chunked prefill (default: any boundary is
         valid; families with bidirectional spans, e.g. Gemma 3's images, move it past the span)."""

@@ -241,6 +241,17 @@ class Gemma3Family(ModelFamily):
         hidden = out.last_hidden_state if all_logits else out.last_hidden_state[:, -1]
         return _logits(model, hidden), DecodeState(cache, kv_mask, positions[:, -1] + 1)
 
+    def prefill_spans(self, model: nn.Module, input_ids: Tensor) -> list[tuple[int, int]]:
+        """Each image's run of placeholder tokens: prefilled in one chunk (bidirectional attention)."""
+        is_image = (input_ids == int(hf.config(model).image_token_id)).tolist()
+        spans: list[tuple[int, int]] = []
+        for i, flag in enumerate(is_image):
+            if flag and (i == 0 or not is_image[i - 1]):
+                spans.append((i, i))
+            if flag:
+                spans[-1] = (spans[-1][0], i + 1)
+        return spans
+
     def chunk_end(self, model: nn.Module, row: RowInput, end: int) -> int:
         """The first chunk boundary at or after `end` that does not split an image: the tokens of one image
         attend to each other both ways, so an image must be prefilled in one chunk."""

@@ -69,6 +69,7 @@ class Preprocessor:
     def __init__(self, frozen) -> None:
         self.processor = frozen.processor
         self.family = getattr(frozen, "family", None)  # m2pt.families adapter, when the loader attached one
+        self.model = frozen.model
         self.image_token_id = int(frozen.spec.image_token_id)
         self.tokens_per_image = int(frozen.spec.num_image_tokens)
         self.image_token = str(getattr(self.processor, "image_token", "") or "")
@@ -103,7 +104,13 @@ class Preprocessor:
             prefix=prefix,
             bundle_key="base" if entry is None else entry.content_hash,
             num_image_tokens=n_slots,
+            atomic_spans=self._atomic_spans(input_ids),
         )
+
+    def _atomic_spans(self, input_ids) -> tuple[tuple[int, int], ...]:
+        """The family's token ranges that one prefill chunk must hold whole (`ModelFamily.prefill_spans`)."""
+        spans = getattr(self.family, "prefill_spans", None)
+        return tuple(spans(self.model, input_ids)) if spans is not None else ()
 
     def _tokenize(self, request: GenerationRequest):
         try:

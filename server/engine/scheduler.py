@@ -9,7 +9,8 @@ Policy (vLLM v1's, on a per-step token budget `max_num_batched_tokens`):
   new ones admitted FIFO while fewer than `max_batch_size` are in flight and the bundle limit allows. A request's
   images are encoded first (cost: its placeholder tokens; an encode larger than what is left may still run when
   it is the step's only prompt work, so a small budget never blocks an image), then its prompt is prefilled in
-  chunks of what the budget leaves;
+  chunks of what the budget leaves; a chunk never cuts one of the row's `atomic_spans` (Gemma 3's images, whose
+  tokens attend both ways): it stops before the span, or, when the span starts it, takes the span whole;
 - `max_bundles_per_batch` bounds the distinct bundles among requests in flight ("base" counts as one). A
   request whose bundle does not fit blocks the queue behind it (strict FIFO), so no bundle starves.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.engine.config import EngineConfig
@@ -184,7 +185,7 @@ class Scheduler:
         left = budget - used
         if left > 0:
             start = request.num_computed_tokens
-            end = min(request.num_prompt_tokens, start + left)
+            end = chunk_end(start, min(request.num_prompt_tokens, start + left), request.row.atomic_spans)
             is_last = end == request.num_prompt_tokens
             out.chunks.append(PrefillChunk(request.request_id, start, end, is_last, request.bundle_label))
             used += end - start
@@ -298,3 +299,13 @@ class Scheduler:
         with self._lock:
             deadlines = [r.deadline for r in [*self._waiting, *self._running] if r.deadline is not None]
             return min(deadlines, default=None)
+
+
+def chunk_end(start: int, end: int, spans: Sequence[tuple[int, int]]) -> int:
+    """Where a prefill chunk that may run from `start` to `end` stops so that it cuts no span `[a, b)` of
+    `spans`: before the span when the chunk has other tokens before it, else after the whole span (a span
+    longer than the budget is still fed in one chunk: progress over the budget)."""
+    for a, b in spans:
+        if a < end < b:
+            return a if a > start else b
+    return end

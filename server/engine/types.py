@@ -62,6 +62,7 @@ class PreparedRow:
     bundle_key: str  # bundle content hash, or "base"
     num_image_tokens: int = 0
     images: list[Any] | None = None  # a model family's per-image inputs (`family.split_images`), else None
+    atomic_spans: tuple[tuple[int, int], ...] = ()  # token ranges a prefill chunk must not cut (sorted)
 
     @property
     def num_tokens(self) -> int:
