@@ -27,7 +27,7 @@ lint: setup
 
 # Slow checks too (marked `slow`): the whole demo-model evaluation, longer training runs.
 test-all: setup setup-browser
-	$(VENV)/bin/python -m pytest -q -m "not gpu"
+	$(VENV)/bin/python -m pytest -q -m "not gpu and not cluster"
 
 # A brand-new venv installed with constraints.txt, checked against it (CI runs this; about a minute).
 check-install:

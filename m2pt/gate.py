@@ -2,8 +2,7 @@
 used.
 
 A checkpoint can pass the config and weight checks and still fail at its first request (a processor that does
-not
-match the model, a placeholder count the tower does not produce). `smoke_prefill` runs a blank image and the
+not match the model, a placeholder count the tower does not produce). `smoke_prefill` runs a blank image and the
 family's smoke text through processor -> `split_images` -> `encode_images` -> `prefill` and checks the logits,
 so such a model fails at startup with a message instead of at the first user request.
 """

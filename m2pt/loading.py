@@ -1,19 +1,15 @@
-"""Load a Hugging Face checkpoint frozen, on a chosen device and dtype, through the startup gate, and
-describe it
-as a `ModelSpec`.
+"""Load a Hugging Face checkpoint frozen, on a chosen device and dtype, through the startup gate, and describe
+it as a `ModelSpec`.
 
 The gate (`load_frozen_llava`), in order, each step refusing with `UnsupportedModelError` and a message that
-says
-what is supported:
+says what is supported:
 1. read the config only and pick the family (`m2pt.families.registry.family_for_config`): unknown
-architectures,
-   towers and LLMs are refused before any weight is read;
+   architectures, towers and LLMs are refused before any weight is read;
 2. load the weights with loading info and refuse missing, unexpected or mismatched keys (a randomly
-initialised
-   projector must never be served);
+   initialised projector must never be served);
 3. check the module shapes the prompt math relies on (`family.check_modules`);
 4. run a one-row smoke prefill with a blank image through the family's own forward
-(`m2pt.gate.smoke_prefill`).
+   (`m2pt.gate.smoke_prefill`).
 Loading is the only place that touches the hub or disk; nothing here runs at import time.
 """
 

@@ -92,7 +92,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser = subparsers.add_parser(
         "serve",
         help="serve a model and its prompt bundles over HTTP (OpenAI-compatible)",
-        description="Serve a frozen LLaVA-style model and M²PT prompt bundles over HTTP. Secrets come from "
+        description="Serve a frozen multimodal model and M²PT prompt bundles over HTTP. Secrets come from "
         "the environment: M2PT_API_KEY (chat routes) and M2PT_OPS_TOKEN (ops routes; unset = ops API off).",
     )
     for flag, field, kwargs in _FLAGS:

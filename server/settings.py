@@ -45,17 +45,6 @@ def _user_store() -> Path:
     return user_store_dir()
 
 
-def _env_float(name: str, default: float) -> float | str:
-    """A number from the environment (a non-number is returned as is, so validation reports it)."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 def _env_secret(name: str) -> SecretStr | None:
     value = os.environ.get(name, "")
     return SecretStr(value) if value else None
@@ -67,7 +56,10 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
     # Where the model and bundles come from.
-    model: str = Field(str(DEMO_MODEL_DIR), description="base LLaVA checkpoint: local directory or HF hub id")
+    model: str = Field(
+        str(DEMO_MODEL_DIR),
+        description="base checkpoint of a supported family (see the README): local directory or HF hub id",
+    )
     store: Path = Field(
         default_factory=_user_store,
         description="writable bundle store, where uploads go (created if missing; default $M2PT_STORE, else "
@@ -83,12 +75,10 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 in containers")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     shutdown_timeout_s: float = Field(
-        default_factory=lambda: _env_float("M2PT_SHUTDOWN_TIMEOUT", 30.0),
-        validate_default=True,
+        30.0,
         gt=0,
         le=3600,
-        description="on SIGTERM, how long requests in flight may run before they are cut (env "
-        "M2PT_SHUTDOWN_TIMEOUT)",
+        description="on SIGTERM, how long requests in flight may run before they are cut",
     )
 
     # Device.

@@ -221,25 +221,23 @@ def test_store_error_messages_are_bounded():
 
 
 def test_shutdown_timeout_comes_from_the_flag_or_the_environment(monkeypatch):
-    from pydantic import ValidationError
-
-    from server.cli import settings_from_args
-
-    monkeypatch.setenv("M2PT_SHUTDOWN_TIMEOUT", "7.5")
-    assert Settings().shutdown_timeout_s == 7.5
     import argparse
 
-    from server.cli import add_serve_command
+    from pydantic import ValidationError
+
+    from server.cli import add_serve_command, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_serve_command(parser.add_subparsers())
+    monkeypatch.setenv("M2PT_SHUTDOWN_TIMEOUT", "7.5")
+    assert settings_from_args(parser.parse_args(["serve"])).shutdown_timeout_s == 7.5
     args = parser.parse_args(["serve", "--shutdown-timeout", "3"])
-    assert settings_from_args(args).shutdown_timeout_s == 3.0
+    assert settings_from_args(args).shutdown_timeout_s == 3.0  # a flag given wins
     monkeypatch.setenv("M2PT_SHUTDOWN_TIMEOUT", "soon")
     with pytest.raises(ValidationError):
-        Settings()
+        settings_from_args(parser.parse_args(["serve"]))
     monkeypatch.delenv("M2PT_SHUTDOWN_TIMEOUT")
-    assert Settings().shutdown_timeout_s == 30.0
+    assert settings_from_args(parser.parse_args(["serve"])).shutdown_timeout_s == 30.0
 
 
 def test_a_drain_answers_503_with_retry_after_and_ready_503(live):

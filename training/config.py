@@ -45,7 +45,7 @@ def required(help: str) -> Any:
 
 @dataclass
 class TrainConfig:
-    base: str = required("frozen LLaVA base: local directory or HF id (e.g. demo/base)")
+    base: str = required("frozen base of a supported family: local directory or HF id (e.g. demo/base)")
     data: str = required(
         "LLaVA-format JSON file, or a built-in dataset: digits, digits:test, synthetic:<task>[,<task>]"
     )

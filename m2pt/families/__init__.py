@@ -2,6 +2,5 @@
 serving.
 
 `base.ModelFamily` is the interface; `registry` maps HF architecture names to families and is the startup
-gate's
-list of what is supported. See /work/wt/_notes/families.md (and docs) for the contract.
+gate's list of what is supported. The contract is `m2pt.families.base.ModelFamily`'s docstrings.
 """

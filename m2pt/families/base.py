@@ -13,15 +13,13 @@ compatibility);
    `projector` is the module whose `state_dict()` a bundle may replace; `compute_prefix` turns `PromptTensors`
    into the per-layer K/V the forward consumes (differentiable);
 4. images: `split_images` cuts a processor's output into one `ImageInput` per image (so features can be
-cached per
-   image); `encode_images` runs the tower under each image's bundle and returns each image's projected
+   cached per image); `encode_images` runs the tower under each image's bundle and returns each image's projected
    features `[N_i, D]` (N_i may differ per image);
 5. text: `prefill` / `decode_step` run a batch of `RowInput`s whose rows each carry their own bundle or none.
 
 Families hold no per-model state (a model's state lives on the model); one instance serves every model of the
 family. Contract of every family: a row without a bundle computes what the unmodified HF model computes; rows
-of
-a mixed batch compute what each computes alone; prompts and projector are the only things gradients reach.
+of a mixed batch compute what each computes alone; prompts and projector are the only things gradients reach.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class ImageInput:
 
     `pixel_values` is in the family's own layout: LLaVA `[3, H, W]`; any-res families `[tiles, 3, H, W]`;
     patch-packing families (Qwen-VL) `[patches, C*t*p*p]`. `extras` holds the per-image tensors the family
-    needs
-    besides pixels (e.g. `image_sizes` `[2]`, `image_grid_thw` `[3]`), keyed by the processor's own names.
+    needs besides pixels (e.g. `image_sizes` `[2]`, `image_grid_thw` `[3]`), keyed by the processor's own names.
     """
 
     pixel_values: Tensor

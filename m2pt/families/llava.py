@@ -6,8 +6,7 @@ adapter wires them to the `ModelFamily` interface and states what it accepts:
   pre-norm; `post_layernorm`/`head` act on the last layer's output only, which LLaVA never reads);
 - LLMs: the decoder types the equivalence suite ran on (`SUPPORTED_TEXT_MODELS`);
 - `vision_feature_layer` an int or a list, `vision_feature_select_strategy` `default` (drop the first token,
-as
-  HF does whatever the tower) or `full`.
+  as HF does whatever the tower) or `full`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Deep visual prompts in the Qwen2.5-VL / Qwen3-VL vision tower, as a per-block K/V prefix of every attention chunk.
 
-Where the prompts sit (the decision, documented in docs/families.md):
+Where the prompts sit (the decision, documented in docs/qwen_vl.md):
 - The tower packs all images of a batch into one sequence `[sum patches, D]` and attends within chunks given by
   `cu_seqlens`: one chunk per image in full-attention blocks, one chunk per window in Qwen2.5-VL's windowed blocks.
 - Under M²PT's overwrite semantics (VPT-deep) the `Lv` prompt rows of block l are `P_v[l]`, placed in front of the

@@ -59,8 +59,7 @@ def architecture_of(config: Any) -> str:
 
 def family_for_config(config: Any, model_id: str) -> ModelFamily:
     """The family serving `config`, after its config checks; `UnsupportedModelError` (listing what is
-    supported)
-    for anything else. Reads nothing but the config."""
+    supported) for anything else. Reads nothing but the config."""
     arch = architecture_of(config)
     for family in families():
         if arch in family.architectures:

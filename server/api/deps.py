@@ -5,7 +5,7 @@ The store, the served model's spec (uploads are validated against it) and the bu
 (`app.state.store` / `.spec` / `.bundle_limits`, put there by `server.app`): the ops routes reach the store
 through `StoreDep`, never through the engine.
 
-Auth contract (design.md §5, issue 4):
+Auth contract:
 - chat routes (`require_api_key`): when `Settings.api_key` is set, `Authorization: Bearer <key>` is required
   (401 otherwise); when it is not set they are open.
 - ops routes (`require_ops_token`): 403 when no ops token is configured (the ops API is then off), 401 when

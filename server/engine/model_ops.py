@@ -2,7 +2,7 @@
 
 A family adapter (m2pt/families/...) can provide its own `ModelOps`; `build_engine(..., ops=...)` takes it, so a
 new family plugs in without touching the engine. All methods run on the engine loop thread under
-`torch.inference_mode()`. See /work/wt/_notes/engine.md for the contract in prose.
+`torch.inference_mode()`. The contract is in this module's `ModelOps` docstring.
 """
 
 from __future__ import annotations

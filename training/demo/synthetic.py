@@ -394,8 +394,7 @@ def make_examples(tasks: list[str], n: int, seed: int, size: int = DEFAULT_SIZE)
 
 def draw_scene(items: list[tuple[str, str, int | None]], size: int = 256, seed: int = 0) -> Image.Image:
     """Draw chosen shapes as the generator would: `(shape, colour, cell)` with cell 0..8 for a small shape in
-    that
-    grid cell (reading order) or None for one big central shape. Used for the README example images."""
+    that grid cell (reading order) or None for one big central shape. Used for the README example images."""
     rng = random.Random(f"m2pt-scene:{seed}")
     image, draw = _canvas(size)
     for kind, color, cell in items:
