@@ -4,7 +4,9 @@ an LLM, a processor with a chat template, all written with `save_pretrained` so 
 
 Families (`TinyLlavaConfig.family`): `llava` (CLIP + Llama, LLaVA-1.5's shape) and `llava-siglip-qwen2`
 (`llava-hf/llava-interleave-qwen-0.5b-hf`'s shape: SigLIP tower without head, strategy `full`, layer -1,
-Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6). Only widths and depths are cut.
+Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6), `llava-next-mistral`, `gemma3` and
+`llava-onevision-qwen2` (`onevision_cfg`: llava-onevision-qwen2-0.5b-ov's shape, image-only processor built
+without torchvision). Only widths and depths are cut.
 
 Tests build one in about a second; the demo base model (training/demo/base.py) uses the same builder at a
 larger size.
