@@ -79,6 +79,24 @@ def test_processor_is_image_only_and_refuses_videos(ov):
         ov.processor(videos=[picture((16, 16), 0)], text="user : <video> what", return_tensors="pt")
 
 
+def test_processor_settings_come_from_processor_config_else_model_config(ov, tmp_path):
+    """The tiny checkpoint's processor_config.json has no placeholder settings: they come from config.json
+    (tile 16 / patch 4 -> 16 tokens per tile). A checkpoint that saved them (as the HF ones do) wins."""
+    import json
+    import shutil
+
+    from m2pt.families.llava_onevision_processor import load_processor
+
+    assert ov.processor.num_image_tokens == 16 and ov.processor.vision_feature_select_strategy == "full"
+    assert ov.processor.vision_aspect_ratio == "anyres_max_9"
+    path = shutil.copytree(ov.model.name_or_path, tmp_path / "m")
+    saved = json.loads((path / "processor_config.json").read_text())
+    saved.update(num_image_tokens=9, vision_aspect_ratio="anyres_max_4")
+    (path / "processor_config.json").write_text(json.dumps(saved))
+    processor = load_processor(str(path))
+    assert processor.num_image_tokens == 9 and processor.vision_aspect_ratio == "anyres_max_4"
+
+
 def test_token_count_varies_with_image_size_pools_and_matches_the_processor(ov):
     counts = set()
     for i, size in enumerate(SIZES):
