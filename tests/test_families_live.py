@@ -43,12 +43,18 @@ def b64(img) -> str:
 
 
 def tiny_config(family: str):
-    from training.tiny import gemma3_cfg, interleave_cfg, next_cfg
+    from training.tiny import gemma3_cfg, interleave_cfg, next_cfg, onevision_cfg
 
-    return {"siglip-qwen2": interleave_cfg, "next-mistral": next_cfg, "gemma3": gemma3_cfg}[family]()
+    configs = {
+        "siglip-qwen2": interleave_cfg,
+        "next-mistral": next_cfg,
+        "gemma3": gemma3_cfg,
+        "onevision-qwen2": onevision_cfg,
+    }
+    return configs[family]()
 
 
-@pytest.fixture(scope="module", params=["siglip-qwen2", "next-mistral", "gemma3"])
+@pytest.fixture(scope="module", params=["siglip-qwen2", "next-mistral", "gemma3", "onevision-qwen2"])
 def family_dir(request, tmp_path_factory):
     from training.tiny import build_tiny_llava
 

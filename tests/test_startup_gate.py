@@ -29,12 +29,16 @@ def small_vision(**kw):
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **kw)
 
 
-def config_llava_onevision():
+def config_llava_onevision(**kw):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
     return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**small_vision()), text_config=Qwen2Config(**small_text())
+        vision_config=SiglipVisionConfig(**small_vision()), text_config=Qwen2Config(**small_text()), **kw
     )
+
+
+def config_llava_onevision_plain_anyres():
+    return config_llava_onevision(vision_aspect_ratio="anyres")
 
 
 def config_pixtral():
@@ -99,7 +103,10 @@ def config_llava_gemma_llm():
 
 
 REFUSED = {
-    "llava-onevision": (config_llava_onevision, "LlavaOnevisionForConditionalGeneration (LLaVA-OneVision"),
+    "llava-onevision-plain-anyres": (
+        config_llava_onevision_plain_anyres,
+        "vision_aspect_ratio 'anyres' is not anyres_max_<N>",
+    ),
     "pixtral": (config_pixtral, "vision tower 'pixtral' is not supported"),
     "qwen2-vl": (config_qwen2_vl, "Qwen2VLForConditionalGeneration (Qwen2-VL"),
     "gemma3-clip-tower": (config_gemma3_clip, "Gemma 3 vision tower 'clip_vision_model' is not supported"),
@@ -131,6 +138,13 @@ def test_unsupported_family_is_refused_from_its_config(family, tmp_path):
         message = str(err.value)
         assert expected in message and SUPPORTED in message and "siglip_vision_model" in message, message
         assert "LlavaNextForConditionalGeneration" in message and "Gemma3ForConditionalGeneration" in message
+        assert "LlavaOnevisionForConditionalGeneration" in message
+
+
+def test_llava_onevision_passes_the_config_gate(tmp_path):
+    """OneVision is served (issue 10 item 4): its config gives a spec without reading any weight."""
+    spec = spec_from_checkpoint(str(write_config(tmp_path / "ov", config_llava_onevision())))
+    assert spec.family == "llava_onevision" and spec.extras["vision_aspect_ratio"] == "anyres_max_9"
 
 
 def test_unknown_model_type_is_refused(tmp_path):

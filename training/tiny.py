@@ -4,7 +4,9 @@ an LLM, a processor with a chat template, all written with `save_pretrained` so 
 
 Families (`TinyLlavaConfig.family`): `llava` (CLIP + Llama, LLaVA-1.5's shape) and `llava-siglip-qwen2`
 (`llava-hf/llava-interleave-qwen-0.5b-hf`'s shape: SigLIP tower without head, strategy `full`, layer -1,
-Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6). Only widths and depths are cut.
+Qwen2 LLM with qkv bias, tied embeddings, rope theta 1e6), `llava-next-mistral`, `gemma3` and
+`llava-onevision-qwen2` (`onevision_cfg`: llava-onevision-qwen2-0.5b-ov's shape, image-only processor built
+without torchvision). Only widths and depths are cut.
 
 Tests build one in about a second; the demo base model (training/demo/base.py) uses the same builder at a
 larger size.
@@ -31,6 +33,8 @@ GEMMA3_SPECIALS = {
     "eoi_token": "<end_of_image>",
     "image_token": "<image_soft_token>",
 }
+# OneVision's tokenizer has a `<video>` token too; without it unknown words would count as video placeholders
+ONEVISION_SPECIALS = {"image_token": "<image>", "video_token": "<video>"}
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}user : "
@@ -51,7 +55,7 @@ def chat_template(placeholder: str) -> str:
 
 
 BASE_WORDS = ["user", "assistant", ":", "?", ".", ","]
-FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral", "gemma3")
+FAMILIES = ("llava", "llava-siglip-qwen2", "llava-next-mistral", "gemma3", "llava-onevision-qwen2")
 # llava-v1.6-mistral-7b's pinpoints (multiples of its 336 px tile) scaled to a tile of `image_size`
 NEXT_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
@@ -60,6 +64,16 @@ def interleave_cfg(**overrides) -> TinyLlavaConfig:
     """A tiny `llava-interleave-qwen`-shaped config (SigLIP + Qwen2, strategy full, layer -1)."""
     base = dict(
         family="llava-siglip-qwen2", select_strategy="full", patch_size=4, vit_layers=3, text_init_std=0.2
+    )
+    return TinyLlavaConfig(**{**base, **overrides})
+
+
+def onevision_cfg(**overrides) -> TinyLlavaConfig:
+    """A tiny `llava-onevision-qwen2-0.5b-ov`-shaped config: SigLIP (no head) + Qwen2 (GQA, biases, tied,
+    rope 1e6), strategy full, layer -1, any-res pinpoints (1..6) x (1..6) tiles, `anyres_max_9` pooling,
+    image_newline. Only widths/depths/sizes are cut (tile 16 px, patch 4)."""
+    base = dict(
+        family="llava-onevision-qwen2", select_strategy="full", patch_size=4, vit_layers=3, text_init_std=0.2
     )
     return TinyLlavaConfig(**{**base, **overrides})
 
@@ -112,7 +126,13 @@ class TinyLlavaConfig:
     def anyres(self) -> bool:
         return self.family == "llava-next-mistral"
 
+    @property
+    def onevision(self) -> bool:
+        return self.family == "llava-onevision-qwen2"
+
     def pinpoints(self) -> list[list[int]]:
+        if self.onevision:  # llava-onevision's: every (h, w) grid of 1..6 tiles
+            return [[h * self.image_size, w * self.image_size] for h in range(1, 7) for w in range(1, 7)]
         return [[h * self.image_size, w * self.image_size] for h, w in NEXT_PINPOINTS]
 
     @property
@@ -120,7 +140,8 @@ class TinyLlavaConfig:
         return self.family == "gemma3"
 
     def vocabulary(self) -> list[str]:
-        specials = SPECIAL_TOKENS + (list(GEMMA3_SPECIALS.values()) if self.gemma3 else [])
+        extra = GEMMA3_SPECIALS if self.gemma3 else ONEVISION_SPECIALS if self.onevision else {}
+        specials = SPECIAL_TOKENS + [t for t in extra.values() if t not in SPECIAL_TOKENS]
         seen = dict.fromkeys(specials + BASE_WORDS + [w.lower() for w in self.words])
         return list(seen)
 
@@ -182,6 +203,8 @@ def build_processor(
             chat_template=chat_template(GEMMA3_SPECIALS["boi_token"]),
         )
 
+    if cfg.onevision:
+        return build_onevision_processor(cfg, tokenizer)
     return (LlavaNextProcessor if cfg.anyres else LlavaProcessor)(
         image_processor=build_image_processor(cfg),
         tokenizer=tokenizer,
@@ -190,6 +213,52 @@ def build_processor(
         num_additional_image_tokens=0 if cfg.siglip else 1,  # the CLS token (SigLIP has none)
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def build_onevision_processor(cfg: TinyLlavaConfig, tokenizer):  # -> image-only LlavaOnevisionProcessor
+    """OneVision's processor without a video processor (no torchvision): square resize to the tile, SigLIP
+    mean/std 0.5, any-res tiling over the pinpoints."""
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from m2pt.families.llava_onevision_processor import build_image_only_processor
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size},
+        image_grid_pinpoints=cfg.pinpoints(),
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return build_image_only_processor(
+        image_processor,
+        tokenizer,
+        num_image_tokens=(cfg.image_size // cfg.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.select_strategy,
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_onevision_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    config = LlavaOnevisionConfig(
+        vision_config=build_vision_config(cfg),
+        text_config=build_text_config(cfg, vocab_size),
+        image_token_index=IMAGE_ID,
+        video_token_index=cfg.vocabulary().index(ONEVISION_SPECIALS["video_token"]),  # videos are refused
+        vision_feature_select_strategy=cfg.select_strategy,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=cfg.pinpoints(),
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(config_tied(cfg)),
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    return model.eval()
 
 
 def build_vision_config(cfg: TinyLlavaConfig):
@@ -203,7 +272,9 @@ def build_vision_config(cfg: TinyLlavaConfig):
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
     )
-    if cfg.siglip or cfg.gemma3:  # llava-interleave / Gemma 3: siglip-so400m without the pooling head
+    if (
+        cfg.siglip or cfg.gemma3 or cfg.onevision
+    ):  # llava-interleave / OneVision / Gemma 3: siglip-so400m without the pooling head
         return SiglipVisionConfig(**sizes, vision_use_head=False, hidden_act="gelu_pytorch_tanh")
     return CLIPVisionConfig(**sizes, projection_dim=cfg.vit_dim)
 
@@ -276,7 +347,7 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
     )
     if cfg.text_init_std is not None:
         common["initializer_range"] = cfg.text_init_std
-    llm = cfg.llm or ("qwen2" if cfg.siglip else "mistral" if cfg.anyres else "llama")
+    llm = cfg.llm or ("qwen2" if cfg.siglip or cfg.onevision else "mistral" if cfg.anyres else "llama")
     if llm == "qwen3":  # Qwen3: per-head q/k RMSNorm, explicit head_dim, tied (0.6B-4B), rope theta 1e6
         return Qwen3Config(
             **common,
@@ -302,7 +373,7 @@ def build_text_config(cfg: TinyLlavaConfig, vocab_size: int):
 
 
 def config_tied(cfg: TinyLlavaConfig) -> bool:
-    return (cfg.llm or ("qwen2" if cfg.siglip else "")) in ("qwen2", "qwen3")
+    return (cfg.llm or ("qwen2" if cfg.siglip or cfg.onevision else "")) in ("qwen2", "qwen3")
 
 
 def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditionalGeneration (or NeXT)
@@ -315,6 +386,8 @@ def build_model(cfg: TinyLlavaConfig, vocab_size: int):  # -> LlavaForConditiona
 
     if cfg.family not in FAMILIES:
         raise ValueError(f"unknown tiny family {cfg.family!r}; choose one of {', '.join(FAMILIES)}")
+    if cfg.onevision:
+        return build_onevision_model(cfg, vocab_size)
     patches = (cfg.image_size // cfg.patch_size) ** 2
     has_cls = not cfg.siglip
     config_class, model_class = (
@@ -350,7 +423,8 @@ def build_tiny_llava(out_dir: str | Path, cfg: TinyLlavaConfig | None = None, mo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = cfg.vocabulary()
-    processor = build_processor(cfg, build_tokenizer(vocab, GEMMA3_SPECIALS if cfg.gemma3 else None))
+    specials = GEMMA3_SPECIALS if cfg.gemma3 else ONEVISION_SPECIALS if cfg.onevision else None
+    processor = build_processor(cfg, build_tokenizer(vocab, specials))
     if model is None:
         model = build_gemma3_model(cfg, len(vocab)) if cfg.gemma3 else build_model(cfg, len(vocab))
     model.save_pretrained(out)

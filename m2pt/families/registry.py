@@ -17,15 +17,13 @@ def _families() -> list[ModelFamily]:
     from m2pt.families.gemma3 import GEMMA3
     from m2pt.families.llava import LLAVA
     from m2pt.families.llava_next import LLAVA_NEXT
+    from m2pt.families.llava_onevision import LLAVA_ONEVISION
     from m2pt.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 
-    return [LLAVA, LLAVA_NEXT, GEMMA3, QWEN2_5_VL, QWEN3_VL]
+    return [LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, GEMMA3, QWEN2_5_VL, QWEN3_VL]
 
 
 KNOWN_UNSUPPORTED = {
-    "LlavaOnevisionForConditionalGeneration": (
-        "LLaVA-OneVision (its processor cannot be built without torchvision under transformers 5.24)"
-    ),
     "Qwen2VLForConditionalGeneration": "Qwen2-VL (M-RoPE, packed-patch ViT)",
     "PaliGemmaForConditionalGeneration": "PaliGemma (prefix-LM mask)",
     "Idefics3ForConditionalGeneration": "Idefics3 (pixel-shuffle connector, image splitting)",
