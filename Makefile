@@ -45,7 +45,7 @@ serve-cluster: setup
 # The cluster tests (marked `cluster`, about 100 s on 2 cores; root for unshare -n).
 test-cluster: setup
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[cluster]'
-	$(VENV)/bin/python -m pytest -q -m cluster tests/test_cluster.py
+	$(VENV)/bin/python -m pytest -q -m cluster
 
 bench-cluster: setup
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[cluster]'

@@ -132,7 +132,7 @@ def build_ingress(settings, options: ClusterOptions, handle, info: dict | None =
         options.max_retries,
         send_routing_key=options.router == "affinity",
     )
-    app = create_app(settings, engine=engine)
+    app = create_app(settings, engine=engine, store=store, spec=info["spec"])  # the ops routes' own store
     app.state.metrics.registry.register(ClusterCollector(board.latest, engine.counters))
     return app, engine
 
