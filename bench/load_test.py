@@ -120,7 +120,9 @@ async def drive(server: ServeProcess, clients: int, duration_s: float, max_token
     rss: list[tuple[float, int]] = []
     start = time.monotonic()
     deadline = start + duration_s
-    limits = httpx.Limits(max_connections=clients + 8)
+    # Idle connections expire on the client (2 s) before uvicorn closes them (its keep-alive timeout, 5 s): with
+    # equal timeouts a request can go out on a connection the server is closing (a ReadError, no answer).
+    limits = httpx.Limits(max_connections=clients + 8, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         await asyncio.gather(
             sample_rss(server, deadline, rss),
