@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "PYTHONPATH=$PWD python -m bench.fault_suite",
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), shared with other work",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
         "pytest_exit_code": code,
         "passed": sum(t["outcome"] == "passed" for t in outcomes),
         "wall_s": time.monotonic() - start,

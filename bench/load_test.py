@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=str(REPO / "demo" / "base"))
     parser.add_argument("--store", default=str(REPO / "demo" / "bundles"))
     parser.add_argument("--server-flag", action="append", default=[], help="extra `m2pt serve` flag")
-    parser.add_argument("--note", default="the 2-core machine was shared with 7 engineers' work")
+    parser.add_argument("--note", default="", help="what to say about the machine (e.g. other load on it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         command=" ".join(["PYTHONPATH=$PWD python -m bench.load_test", *(argv or sys.argv[1:])]),
         when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        machine=f"{os.cpu_count()} CPU cores, fp32 on CPU; {args.note}",
+        machine=f"{os.cpu_count()} CPU cores, fp32 on CPU" + (f"; {args.note}" if args.note else ""),
         server_flags=flags,
     )
     args.out.mkdir(parents=True, exist_ok=True)
