@@ -67,7 +67,7 @@ class HFGenerateBatch1Engine:
             row = self._pre.prepare(request, None)
             ids = row.input_ids[None]  # [1, T]
             embeds = model.model.get_input_embeddings()(ids)  # [1, T, D]
-            images = row.image_inputs()
+            images = list(row.images or [])  # the family's per-image inputs (preprocess fills them)
             if images:
                 feats = torch.cat(
                     self.frozen.family.encode_images(model, images, [prefix] * len(images))
