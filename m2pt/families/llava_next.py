@@ -79,25 +79,35 @@ class LlavaNextFamily(LlavaFamily):
             for px, size in zip(encoded["pixel_values"], encoded["image_sizes"], strict=True)
         ]
 
+    def tiles(self, model: nn.Module, image: ImageInput) -> Tensor:
+        """The tiles of `image` that the tower runs, `[n, 3, H, W]`."""
+        return tiles_of(model, image)
+
+    def pack_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """The family's own arguments of HF's `pack_image_features` (besides features, sizes, newline)."""
+        return {"vision_feature_select_strategy": hf.config(model).vision_feature_select_strategy}
+
     def encode_images(
         self, model: nn.Module, images: Sequence[ImageInput], prefixes: Sequence[Any]
     ) -> list[Tensor]:
+        """Every tile of an image runs under that image's bundle; then HF's own packing of the model class
+        (unpad + `image_newline`, and for OneVision `anyres_max` pooling) makes each image's features."""
         from m2pt.forward import encode_images
 
         if not images:
             return []
         device = next(model.parameters()).device
-        tiles = [tiles_of(model, im) for im in images]
+        tiles = [self.tiles(model, im) for im in images]
         counts = [int(t.shape[0]) for t in tiles]
         tile_prefixes = [p for p, n in zip(prefixes, counts, strict=True) for _ in range(n)]
         features = encode_images(model, torch.cat(tiles).to(device), tile_prefixes)  # [sum n, N, D]
         sizes = torch.stack([torch.as_tensor(im.extras["image_sizes"]) for im in images])  # [M, 2]
-        inner: Any = hf.part(model, "model")  # LlavaNextModel: its own packing (unpad + image_newline)
+        inner: Any = hf.part(model, "model")
         packed, _ = inner.pack_image_features(
             list(torch.split(features, counts)),
             sizes,
-            vision_feature_select_strategy=hf.config(model).vision_feature_select_strategy,
             image_newline=inner.image_newline,
+            **self.pack_kwargs(model),
         )
         return list(packed)  # M x [N_i, D]
 

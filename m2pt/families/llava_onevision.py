@@ -14,7 +14,7 @@ which the server and trainer pass, tiles every image.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -100,27 +100,12 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             for px, size, flag in zip(pixels, sizes, flags, strict=True)
         ]
 
-    def encode_images(
-        self, model: nn.Module, images: Sequence[ImageInput], prefixes: Sequence[Any]
-    ) -> list[Tensor]:
-        from m2pt.forward import encode_images
+    def tiles(self, model: nn.Module, image: ImageInput) -> Tensor:
+        return onevision_tiles(model, image)
 
-        if not images:
-            return []
-        device = next(model.parameters()).device
-        tiles = [onevision_tiles(model, im) for im in images]
-        counts = [int(t.shape[0]) for t in tiles]
-        tile_prefixes = [p for p, n in zip(prefixes, counts, strict=True) for _ in range(n)]
-        features = encode_images(model, torch.cat(tiles).to(device), tile_prefixes)  # [sum n, N, D]
-        sizes = torch.stack([torch.as_tensor(im.extras["image_sizes"]) for im in images])  # [M, 2]
-        inner: Any = hf.part(model, "model")  # LlavaOnevisionModel: unpad + anyres_max pooling + newline
-        packed, _ = inner.pack_image_features(
-            list(torch.split(features, counts)),
-            sizes,
-            image_newline=inner.image_newline,
-            vision_aspect_ratio=hf.config(model).vision_aspect_ratio,
-        )
-        return list(packed)  # M x [N_i, D]
+    def pack_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """`LlavaOnevisionModel.pack_image_features`: unpad + `anyres_max` pooling + newline."""
+        return {"vision_aspect_ratio": hf.config(model).vision_aspect_ratio}
 
 
 LLAVA_ONEVISION = LlavaOnevisionFamily()
