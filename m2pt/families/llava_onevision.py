@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from m2pt import hf
 from m2pt.families.base import ImageInput, UnsupportedModelError
 from m2pt.families.llava import check_llava_config, llava_spec
-from m2pt.families.llava_next import LlavaNextFamily
+from m2pt.families.llava_next import LlavaNextFamily, tiles_of
 from m2pt.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -31,18 +31,11 @@ if TYPE_CHECKING:
 
 
 def onevision_tiles(model: nn.Module, image: ImageInput) -> Tensor:
-    """The image's real tiles `[n, 3, H, W]`: base + grid when tiled, else the base tile alone."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+    """The image's real tiles `[n, 3, H, W]`: base + grid when tiled (as NeXT counts them), else the base tile
+    alone."""
     if not bool(image.extras.get("tiled", True)):
         return image.pixel_values[:1]
-    cfg = hf.config(model)
-    count = image_size_to_num_patches(
-        image_size=image.extras["image_sizes"],
-        grid_pinpoints=cfg.image_grid_pinpoints,
-        patch_size=int(cfg.vision_config.image_size),
-    )
-    return image.pixel_values[:count]
+    return tiles_of(model, image)
 
 
 def _tiled_flags(encoded: Mapping[str, Any], n_images: int) -> list[bool]:
