@@ -370,6 +370,19 @@ def chunk_image_features(row: RowInput, start: int, end: int, image_token_id: in
     return row.image_features[before : before + inside]
 
 
+def chunk_embeds(model: nn.Module, row: RowInput, start: int, end: int) -> Tensor:
+    """Input embeddings [1, C, D] of `input_ids[start:end]`, with the row's image features in its placeholders."""
+    device = next(hf.part(model, "lm_head").parameters()).device
+    image_token_id = int(hf.config(model).image_token_id)
+    ids = row.input_ids[start:end].to(device)[None]  # [1, C]
+    embeds = hf.input_embeddings(model)(ids)  # [1, C, D]
+    features = chunk_image_features(row, start, end, image_token_id)
+    if features is not None:
+        slots = (ids == image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    return embeds
+
+
 def prefill_chunk(
     model: nn.Module, row: RowInput, start: int, end: int, state: DecodeState | None = None
 ) -> tuple[Tensor, DecodeState]:
@@ -383,13 +396,7 @@ def prefill_chunk(
     if (state is None) != (start == 0) or not 0 <= start < end <= int(row.input_ids.shape[0]):
         raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
     device = next(hf.part(model, "lm_head").parameters()).device
-    image_token_id = int(hf.config(model).image_token_id)
-    ids = row.input_ids[start:end].to(device)[None]  # [1, C]
-    embeds = hf.input_embeddings(model)(ids)  # [1, C, D]
-    features = chunk_image_features(row, start, end, image_token_id)
-    if features is not None:
-        slots = (ids == image_token_id)[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(slots, features.to(embeds.dtype))
+    embeds = chunk_embeds(model, row, start, end)  # [1, C, D]
     if state is None:
         room = int(row.input_ids.shape[0]) + 64
         cache, mask, next_position = _prefix_cache(model, [row], embeds, room=room)  # mask [1, P]

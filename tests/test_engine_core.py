@@ -179,6 +179,21 @@ def test_image_encode_is_budgeted_and_never_blocks():
     assert img.final.finish_reason == "length"
 
 
+def test_an_image_encode_costs_its_calibrated_cost_not_its_placeholders():
+    """A 10-placeholder image whose encode costs 3 budget tokens shares its step with the prompt's first chunk."""
+    core = Core(EngineConfig(max_batch_size=4, max_num_batched_tokens=8))
+    core.add("a", max_tokens=30, ignore_eos=True)
+    core.run(max_steps=2)
+    request, sink = make_request("img", 12, image_tokens=10, max_tokens=1)
+    request.row.encode_cost = 3
+    core.outputs.start(request)
+    core.scheduler.add(request)
+    core.run(until=lambda: sink.final is not None)
+    (step,) = [out for out in core.runner.calls if "img" in out.encode]
+    assert [(c.start, c.end) for c in step.chunks if c.request_id == "img"] == [(0, 8 - 1 - 3)]
+    assert step.num_scheduled_tokens == 8
+
+
 def test_chunk_end_never_cuts_a_span():
     spans = [(3, 9), (12, 14)]
     assert chunk_end(0, 5, spans) == 3  # stop before the span: other tokens come first

@@ -20,18 +20,32 @@ from server.engine.types import GenerationRequest, SamplingParams
 
 class FaultyOps(LlavaOps):
     """The real ops, except: a prefill chunk covering token `poison_id` raises; `fail_decodes` decode steps
-    raise."""
+    raise; a packed step raises when any of its parts would."""
 
     def __init__(self, model, device, poison_id: int) -> None:
         super().__init__(model, device)
         self.poison_id = poison_id
         self.fail_decodes = 0
         self.poison_position: int | None = None  # a decode step with a row at this position raises
+        self.packed_steps = 0  # packed steps (chunks + decode rows in one forward) that ran
+        self.packed_faults = 0
 
     def prefill_chunk(self, row, start, end, state):
         if bool((row.input_ids[start:end] == self.poison_id).any()):
             raise RuntimeError("injected prefill fault")
         return super().prefill_chunk(row, start, end, state)
+
+    def packed_step(self, batch, tokens, chunks):
+        """A packed step that covers a poisoned chunk or a failing decode raises too; the runner then rolls back
+        and runs the parts one by one, where the faults above hit the right request."""
+        poisoned = any(bool((c.row.input_ids[c.start : c.end] == self.poison_id).any()) for c in chunks)
+        bad_row = batch is not None and self.poison_position is not None
+        bad_row = bad_row and bool((batch.positions == self.poison_position).any())
+        if poisoned or bad_row or (batch is not None and self.fail_decodes):
+            self.packed_faults += 1
+            raise RuntimeError("injected packed-step fault")
+        self.packed_steps += 1
+        return super().packed_step(batch, tokens, chunks)
 
     def decode_step(self, state, tokens):
         if self.fail_decodes:
@@ -75,9 +89,10 @@ GOOD = [("a", "what is this ?"), ("c", "is this what ?"), ("d", "what ? what is"
 
 
 def test_a_row_whose_prefill_raises_fails_alone(tiny):
-    clean, _ = make_engine(tiny)
+    clean, clean_ops = make_engine(tiny)
     without, _, _ = asyncio.run(run_all(clean, [request(r, w) for r, w in GOOD]))
-    engine, _ = make_engine(tiny)
+    assert clean_ops.packed_steps > 0 and clean_ops.packed_faults == 0, "the clean run must use packed steps"
+    engine, ops = make_engine(tiny)
     # "digit" sits after the first chunk: the failing row has state in the runner when it fails
     bad = request("b", "what is this this this this this this this this this this this this this digit ?")
     mixed = [request(*GOOD[0]), bad, request(*GOOD[1]), request(*GOOD[2])]
@@ -89,6 +104,7 @@ def test_a_row_whose_prefill_raises_fails_alone(tiny):
     assert len({t for t, _ in without}) > 1
     assert rows_left == 0 and running_left == 0, "a finished or failed row was left in the runner"
     assert engine.stats()["recent_faults"] == 1
+    assert ops.packed_faults >= 1, "the poisoned chunk must have been tried packed, then alone"
 
 
 def test_a_row_whose_decode_raises_fails_alone(tiny):

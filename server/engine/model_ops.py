@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from m2pt.forward import DecodeState, RowInput, decode_step, encode_images, prefill_chunk
+from m2pt.packed import ChunkInput, packed_step, supports_packing
 from m2pt.prefix import BundlePrefix, compute_prefix
 from m2pt.prompts import PromptTensors
 
@@ -34,6 +35,16 @@ class ModelOps(Protocol):
     def prefill_chunk(self, row: RowInput, start: int, end: int, state: Any | None) -> tuple[Tensor, Any]:
         """Prompt tokens [start, end) of one row appended to its state (None = first chunk); returns the last
         token's logits [1, V] and the row's state."""
+        ...
+
+    can_pack: bool  # whether `packed_step` may be called
+
+    def packed_step(
+        self, batch: Any | None, tokens: Tensor | None, chunks: Sequence[ChunkInput]
+    ) -> tuple[Tensor | None, list[Tensor], list[Any]]:
+        """ONE forward for the decode batch (`tokens` [B], None without decode rows) and `chunks`: the decode
+        logits [B, V] (or None), each chunk's last-token logits [1, V] and each chunk row's state, exactly as
+        `prefill_chunk` per chunk + `decode_step`. On an exception the caller rolls the states back."""
         ...
 
     def merge(self, states: Sequence[Any]) -> Any:
@@ -65,6 +76,7 @@ class LlavaOps:
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
         self.device = device
+        self.can_pack = supports_packing(model)
 
     def compute_prefix(self, prompts: PromptTensors) -> BundlePrefix:
         return compute_prefix(self.model, prompts)
@@ -79,6 +91,11 @@ class LlavaOps:
         self, row: RowInput, start: int, end: int, state: DecodeState | None
     ) -> tuple[Tensor, DecodeState]:
         return prefill_chunk(self.model, row, start, end, state)
+
+    def packed_step(
+        self, batch: DecodeState | None, tokens: Tensor | None, chunks: Sequence[ChunkInput]
+    ) -> tuple[Tensor | None, list[Tensor], list[DecodeState]]:
+        return packed_step(self.model, batch, None if tokens is None else tokens.to(self.device), chunks)
 
     def merge(self, states: Sequence[DecodeState]) -> DecodeState:
         """In place into the first state when the rows fit (one row copied each), else re-packed."""
@@ -110,6 +127,8 @@ class FamilyOps(LlavaOps):
     def __init__(self, family: Any, model: torch.nn.Module, device: torch.device) -> None:
         super().__init__(model, device)
         self.family = family
+        # packing replaces the core's prefill_chunk + decode_step: only for families that use both
+        self.can_pack = self.can_pack and getattr(family, "prefill_chunk", None) is None
 
     def compute_prefix(self, prompts: PromptTensors) -> BundlePrefix:
         return self.family.compute_prefix(self.model, prompts)

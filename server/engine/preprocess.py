@@ -16,6 +16,7 @@ and with `PromptTooLongError` (400) a prompt + bundle prefix + max_tokens over t
 from __future__ import annotations
 
 import hashlib
+import math
 
 from jinja2 import TemplateError
 
@@ -72,6 +73,10 @@ class Preprocessor:
         self.model = frozen.model
         self.image_token_id = int(frozen.spec.image_token_id)
         self.tokens_per_image = int(frozen.spec.num_image_tokens)
+        per_placeholder = getattr(self.family, "encode_cost_per_placeholder", None)
+        self.encode_cost_per_placeholder = (
+            per_placeholder(frozen.model) if per_placeholder is not None else None
+        )
         self.image_token = str(getattr(self.processor, "image_token", "") or "")
         text_config = frozen.model.config.text_config
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 30))
@@ -105,7 +110,15 @@ class Preprocessor:
             bundle_key="base" if entry is None else entry.content_hash,
             num_image_tokens=n_slots,
             atomic_spans=self._atomic_spans(input_ids),
+            encode_cost=self._encode_cost(n_slots),
         )
+
+    def _encode_cost(self, n_slots: int) -> int | None:
+        """The images' encode in step-budget tokens (at least 1 when there are images); None: the scheduler
+        counts the placeholders."""
+        if self.encode_cost_per_placeholder is None or not n_slots:
+            return None
+        return max(1, math.ceil(n_slots * self.encode_cost_per_placeholder))
 
     def _atomic_spans(self, input_ids) -> tuple[tuple[int, int], ...]:
         """The family's token ranges that one prefill chunk must hold whole (`ModelFamily.prefill_spans`)."""

@@ -2,6 +2,10 @@
 (image features, the cache of a row being prefilled, its sampler) and the running batch's decode state; all
 tensor work goes through one `ModelOps` object (the model family's adapter).
 
+When the ops can pack (`ModelOps.can_pack`: LLaVA-style LLMs, see `m2pt.packed`), a step's prompt chunks and
+decode rows run as ONE LLM forward; otherwise (and whenever the packed forward raises, after rolling every
+state back) each chunk runs alone and then the decode batch.
+
 Failure isolation: an image encode or a prompt chunk that raises fails only its own request (its state is
 dropped, the others run on untouched). A batched decode step that raises is undone and each row is tried alone
 on a copy; the rows that raise alone fail, the others decode again without them (so they produce what they
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from m2pt.forward import RowInput
+from m2pt.packed import ChunkInput
 from server.engine.model_ops import ModelOps
 from server.engine.sampling import make_generator, sample_batch
 from server.engine.scheduler import PrefillChunk, RunnerOutput, SchedulerOutput
@@ -64,6 +69,9 @@ class _RowState:
     state: Any = None  # the row's own cache while it is prefilled
     last_token: int = -1
 
+    def row_input(self) -> RowInput:
+        return RowInput(self.row.input_ids, self.features, self.row.prefix, tuple(self.row.images or ()))
+
 
 class ModelRunner:
     def __init__(
@@ -90,8 +98,11 @@ class ModelRunner:
             )
         result = RunnerOutput()
         self._encode(out.encode, result)
-        joined = [c.request_id for c in out.chunks if self._prefill(c, result) and c.is_last]
-        self._decode(out.decode, result)
+        self._check_decode_rows(out.decode)
+        joined = self._packed(out, result) if self.ops.can_pack else None
+        if joined is None:  # not packable, or the packed forward raised: one forward per part
+            joined = [c.request_id for c in out.chunks if self._prefill(c, result) and c.is_last]
+            self._decode(out.decode, result)
         self._join(joined)
         return result
 
@@ -168,8 +179,7 @@ class ModelRunner:
         if rs is None or chunk.request_id in result.failed:
             return False
         try:
-            row = RowInput(rs.row.input_ids, rs.features, rs.row.prefix, tuple(rs.row.images or ()))
-            logits, rs.state = self.ops.prefill_chunk(row, chunk.start, chunk.end, rs.state)
+            logits, rs.state = self.ops.prefill_chunk(rs.row_input(), chunk.start, chunk.end, rs.state)
             if chunk.is_last:
                 rs.last_token = self._sample(logits.float(), [rs.sampling], [rs.generator])[0]
                 result.sampled[chunk.request_id] = rs.last_token
@@ -178,11 +188,60 @@ class ModelRunner:
             return False
         return True
 
-    def _decode(self, request_ids: Sequence[str], result: RunnerOutput) -> None:
+    def _check_decode_rows(self, request_ids: Sequence[str]) -> None:
         if sorted(request_ids) != sorted(self._batch_ids):
             raise RuntimeError(
                 f"decode rows {sorted(request_ids)} != the batch's rows {sorted(self._batch_ids)}"
             )
+
+    def _packed(self, out: SchedulerOutput, result: RunnerOutput) -> list[str] | None:
+        """The step's prompt chunks and decode rows in ONE forward; returns the requests whose prompt is now
+        complete, or None when there is nothing to pack or the forward raised (then every state is rolled back
+        and the caller runs the parts one by one, which isolates the failing request)."""
+        chunks = [c for c in out.chunks if c.request_id in self._rows and c.request_id not in result.failed]
+        if not chunks or (len(chunks) == 1 and not self._batch_ids):
+            return None  # a lone chunk is already one forward
+        states = [self._rows[c.request_id] for c in chunks]
+        undo = self._checkpoints(states)
+        if undo is None:
+            return None
+        inputs = [
+            ChunkInput(rs.row_input(), c.start, c.end, rs.state) for c, rs in zip(chunks, states, strict=True)
+        ]
+        decoding = [self._rows[rid] for rid in self._batch_ids]
+        tokens = torch.tensor([rs.last_token for rs in decoding], dtype=torch.long) if decoding else None
+        try:
+            logits, chunk_logits, new_states = self.ops.packed_step(self._batch, tokens, inputs)
+        except Exception:
+            log.warning("packed step failed; running its parts one by one", exc_info=True)
+            undo()
+            return None
+        if logits is not None:
+            self._sample_decode(decoding, logits, result)
+        joined = []
+        for chunk, rs, chunk_logit, state in zip(chunks, states, chunk_logits, new_states, strict=True):
+            rs.state = state
+            if chunk.is_last:
+                rs.last_token = self._sample(chunk_logit.float(), [rs.sampling], [rs.generator])[0]
+                result.sampled[chunk.request_id] = rs.last_token
+                joined.append(chunk.request_id)
+        return joined
+
+    def _checkpoints(self, states: Sequence[_RowState]) -> Callable[[], None] | None:
+        """A function that undoes a packed step on the decode batch and `states` (None: not undoable)."""
+        targets = [self._batch] if self._batch is not None else []
+        targets += [rs.state for rs in states if rs.state is not None]
+        marks = [self.ops.checkpoint(t) for t in targets]
+        if any(mark is None for mark in marks):
+            return None
+
+        def undo() -> None:
+            for target, mark in zip(targets, marks, strict=True):
+                self.ops.rollback(target, mark)
+
+        return undo
+
+    def _decode(self, request_ids: Sequence[str], result: RunnerOutput) -> None:
         if not self._batch_ids:
             return
         checkpoint = self.ops.checkpoint(self._batch)
@@ -207,8 +266,11 @@ class ModelRunner:
     def _decode_batch(self, result: RunnerOutput) -> None:
         rows = [self._rows[rid] for rid in self._batch_ids]
         tokens = torch.tensor([rs.last_token for rs in rows], dtype=torch.long)
-        logits = self.ops.decode_step(self._batch, tokens).float()  # [B, V]
-        sampled = self._sample(logits, [rs.sampling for rs in rows], [rs.generator for rs in rows])
+        self._sample_decode(rows, self.ops.decode_step(self._batch, tokens), result)
+
+    def _sample_decode(self, rows: Sequence[_RowState], logits: Tensor, result: RunnerOutput) -> None:
+        """Sample one token per decode row from `logits` [B, V] (rows in batch order)."""
+        sampled = self._sample(logits.float(), [rs.sampling for rs in rows], [rs.generator for rs in rows])
         for rid, rs, token in zip(self._batch_ids, rows, sampled, strict=True):
             rs.last_token = token
             result.sampled[rid] = token

@@ -7,10 +7,12 @@ Policy (vLLM v1's, on a per-step token budget `max_num_batched_tokens`):
 - every decoding request decodes one token every step (1 token of budget each);
 - the rest of the budget goes to prompt work in arrival order: first the requests already being prefilled, then
   new ones admitted FIFO while fewer than `max_batch_size` are in flight and the bundle limit allows. A request's
-  images are encoded first (cost: its placeholder tokens; an encode larger than what is left may still run when
-  it is the step's only prompt work, so a small budget never blocks an image), then its prompt is prefilled in
-  chunks of what the budget leaves; a chunk never cuts one of the row's `atomic_spans` (Gemma 3's images, whose
-  tokens attend both ways): it stops before the span, or, when the span starts it, takes the span whole;
+  images are encoded first (cost: `PreparedRow.image_encode_cost`, its placeholder tokens scaled by what an
+  image token costs against an LLM token, `ModelFamily.encode_cost_per_placeholder`; an encode larger than
+  what is left may still run when it is the step's only prompt work, so a small budget never blocks an image),
+  then its prompt is prefilled in chunks of what the budget leaves; a chunk never cuts one of the row's
+  `atomic_spans` (Gemma 3's images, whose tokens attend both ways): it stops before the span, or, when the
+  span starts it, takes the span whole;
 - `max_bundles_per_batch` bounds the distinct bundles among requests in flight ("base" counts as one). A
   request whose bundle does not fit blocks the queue behind it (strict FIFO), so no bundle starves.
 
@@ -177,7 +179,7 @@ class Scheduler:
         """Schedule `request`'s image encode and/or next prompt chunk within `budget`; returns tokens used."""
         used = 0
         if request.needs_encode:
-            cost = request.row.num_image_tokens
+            cost = request.row.image_encode_cost
             if cost > budget and (out.encode or out.chunks):
                 return 0
             out.encode.append(request.request_id)

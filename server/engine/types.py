@@ -63,6 +63,12 @@ class PreparedRow:
     num_image_tokens: int = 0
     images: list[Any] | None = None  # a model family's per-image inputs (`family.split_images`), else None
     atomic_spans: tuple[tuple[int, int], ...] = ()  # token ranges a prefill chunk must not cut (sorted)
+    encode_cost: int | None = None  # the images' encode in step-budget tokens (None: num_image_tokens)
+
+    @property
+    def image_encode_cost(self) -> int:
+        """What encoding this row's images takes from a step's token budget."""
+        return self.num_image_tokens if self.encode_cost is None else self.encode_cost
 
     @property
     def num_tokens(self) -> int:
