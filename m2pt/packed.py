@@ -220,7 +220,7 @@ def packed_step(
             cache=step,
             use_cache=True,
         )
-    last = _last_positions(step)
+    last = _last_positions(step).to(device)
     logits = hf.part(model, "lm_head")(out.last_hidden_state[0, last])  # [B + chunks, V]
     b = step.num_decode
     if decode is not None:

@@ -3,7 +3,9 @@
 Entries are keyed by the bundle's *content hash*, never its name, so a re-upload under the same name can never
 serve a stale prefix (and two names with identical content share one entry). Requests `acquire` an entry (pinning
 it) for their whole life and `release` it at the end; only unpinned entries are evicted. Loading runs in a worker
-thread, so the decode loop keeps running for everyone else while a cold bundle loads.
+thread, so the decode loop keeps running for everyone else while a cold bundle loads; at most `max_loading`
+loads run at once (default 1: a burst of cold bundles would otherwise put several threads of torch work beside
+the engine loop's on the same cores and stretch every running stream's steps).
 
 This module does not resolve names (the store does) and does not schedule (the scheduler does).
 """
@@ -39,11 +41,15 @@ class ResidentBundle:
 class BundleResidency:
     """LRU of precomputed prefixes with pin counts. `loader(ref) -> BundlePrefix` does the real work (blocking)."""
 
-    def __init__(self, loader: Callable[[object], BundlePrefix], capacity: int = 32, metrics=None) -> None:
-        if capacity < 1:
-            raise ValueError("max_resident_bundles must be ≥ 1")
+    def __init__(
+        self, loader: Callable[[object], BundlePrefix], capacity: int = 32, metrics=None, max_loading: int = 1
+    ) -> None:
+        if capacity < 1 or max_loading < 1:
+            raise ValueError("max_resident_bundles and max_loading must be ≥ 1")
         self._loader = loader
         self.capacity = capacity
+        self.max_loading = max_loading
+        self._load_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._metrics = metrics
         self._entries: OrderedDict[str, ResidentBundle] = OrderedDict()
         self._lock = threading.Lock()
@@ -71,9 +77,10 @@ class BundleResidency:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._loading[key] = future
         try:
-            started = time.perf_counter()
-            prefix = await asyncio.to_thread(self._loader, ref)
-            elapsed = time.perf_counter() - started
+            async with self._slots():
+                started = time.perf_counter()
+                prefix = await asyncio.to_thread(self._loader, ref)
+                elapsed = time.perf_counter() - started
             entry = ResidentBundle(key, ref.label, prefix, prefix.nbytes(), pins=1)
             with self._lock:
                 self._entries[key] = entry
@@ -90,6 +97,13 @@ class BundleResidency:
             raise
         finally:
             del self._loading[key]
+
+    def _slots(self) -> asyncio.Semaphore:
+        """The load slots of the running event loop (a semaphore belongs to one loop; tests run several)."""
+        loop = asyncio.get_running_loop()
+        if self._load_slots is None or self._load_slots[0] is not loop:
+            self._load_slots = (loop, asyncio.Semaphore(self.max_loading))
+        return self._load_slots[1]
 
     def release(self, entry: ResidentBundle) -> None:
         """Unpin; the entry becomes evictable when no request holds it."""
