@@ -297,3 +297,20 @@ def test_the_engine_core_imports_no_torch():
         "sys.exit(int('torch' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_call_in_loop_runs_on_the_engine_thread_between_steps_and_inline_when_stopped():
+    """Cold bundle prefixes are computed on the loop thread (`Engine.call_in_loop`), not beside a step."""
+    core = Core()
+    engine = core.engine
+    asyncio.run(engine.start())
+    try:
+        where = engine.call_in_loop(lambda: threading.current_thread().name).result(timeout=10)
+        assert where == "m2pt-engine"
+        failing = engine.call_in_loop(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=10)
+    finally:
+        asyncio.run(engine.stop())
+    after = engine.call_in_loop(lambda: threading.current_thread().name)
+    assert after.done() and after.result() == threading.current_thread().name

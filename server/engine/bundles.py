@@ -2,8 +2,9 @@
 
 Entries are keyed by the bundle's *content hash*, never its name, so a re-upload under the same name can never
 serve a stale prefix (and two names with identical content share one entry). Requests `acquire` an entry (pinning
-it) for their whole life and `release` it at the end; only unpinned entries are evicted. Loading runs in a worker
-thread, so the decode loop keeps running for everyone else while a cold bundle loads; at most `max_loading`
+it) for their whole life and `release` it at the end; only unpinned entries are evicted. The loader runs in a worker
+thread, so the decode loop keeps running for everyone else while a cold bundle loads (`build_engine`'s loader
+reads and validates there and computes the prefix on the engine loop between two steps); at most `max_loading`
 loads run at once (default 1: a burst of cold bundles would otherwise put several threads of torch work beside
 the engine loop's on the same cores and stretch every running stream's steps).
 

@@ -1,6 +1,6 @@
 """The serving engine: an asyncio front (`generate`) over one background loop thread running `step()`.
 
-    API coroutine ──generate()──► resolve bundle (store) ─► pin prefix (residency; loads in a worker thread)
+    API coroutine ──generate()──► resolve bundle (store) ─► pin prefix (residency: read in a worker, prefix on the loop)
                                   ─► tokenise + validate (worker thread; 400s here) ─► Scheduler.add ─► events
     loop thread:  step() = scheduler.schedule() ─► runner.execute(out) ─► scheduler.update_from_output(out, res)
                            ─► output processor emits every touched request's text / final event
@@ -15,6 +15,7 @@ run, the loop blocks until a request arrives, is aborted, or a deadline passes (
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -64,6 +65,8 @@ class Engine:
         self._model_id = model_id
         self._clock = clock
         self._faults: deque[float] = deque()
+        self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._jobs_lock = threading.Lock()
         self._steps = 0
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -87,10 +90,12 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop the loop; requests still in flight end with finish_reason "abort"."""
-        self._stopping.set()
+        with self._jobs_lock:
+            self._stopping.set()
         self.scheduler.wake()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self._drain_jobs()
         self.scheduler.abort_all()
         self._emit_touched()
 
@@ -165,11 +170,44 @@ class Engine:
         self.outputs.start(record)
         return record
 
+    def call_in_loop(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the engine loop thread between two steps (at most one such call per step); thread-safe.
+
+        For model work outside requests (a cold bundle's prefix): on the loop thread it runs alone on the cores,
+        where a worker thread would run its torch work beside the step's and stretch every running stream's
+        step. Runs at once, on the calling thread, when the loop is not running."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._jobs_lock:
+            queued = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+            if queued:
+                self._jobs.append((fn, future))
+        if queued:
+            self.scheduler.wake()
+        else:
+            _run_into(fn, future)
+        return future
+
     # ------------------------------------------------------------------ loop thread
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            if not self.step():
+            worked = self.step()
+            ran_job = self._run_one_job()
+            if not worked and not ran_job:
                 self.scheduler.wait_for_change(self._idle_timeout())
+        self._drain_jobs()
+
+    def _drain_jobs(self) -> None:
+        """Stopping: run what is queued (nothing may wait forever on a job; later calls run inline)."""
+        with self._jobs_lock:
+            jobs, self._jobs = list(self._jobs), deque()
+        for job in jobs:
+            _run_into(*job)
+
+    def _run_one_job(self) -> bool:
+        if not self._jobs:
+            return False
+        _run_into(*self._jobs.popleft())
+        return True
 
     def _idle_timeout(self) -> float:
         deadline = self.scheduler.next_deadline()
@@ -232,3 +270,13 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self.scheduler.num_waiting)
             self.metrics.running_batch_size.set(self.scheduler.num_running)
+
+
+def _run_into(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    """Run `fn`, putting its result or exception into `future` (unless it was cancelled)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # the caller gets it from the future
+        future.set_exception(exc)

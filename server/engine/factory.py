@@ -39,16 +39,20 @@ def build_engine(
     scheduler = Scheduler(config, outputs.push)
     runner = ModelRunner(ops, ImageFeatureCache(config.image_cache_size, metrics))
 
-    def load_prefix(ref):
-        """Blocking: read + validate the bundle from the store and precompute its prefix (residency's loader)."""
+    def compute_prefix(prompts):
         import torch
 
-        loaded = store.load(ref, spec, bundle_limits)
         with torch.inference_mode():
-            return ops.compute_prefix(loaded.prompts)
+            return ops.compute_prefix(prompts)
+
+    def load_prefix(ref):
+        """Blocking (a worker thread): read + validate the bundle from the store, then precompute its prefix on
+        the engine loop thread between two steps (`Engine.call_in_loop`); the residency's loader."""
+        loaded = store.load(ref, spec, bundle_limits)
+        return engine.call_in_loop(lambda: compute_prefix(loaded.prompts)).result()
 
     residency = BundleResidency(load_prefix, config.max_resident_bundles, metrics)
-    return Engine(
+    engine = Engine(
         config=config,
         scheduler=scheduler,
         runner=runner,
@@ -61,3 +65,4 @@ def build_engine(
         bundle_limits=bundle_limits,
         metrics=metrics,
     )
+    return engine
