@@ -124,12 +124,6 @@ class ModelFamily(ABC):
         valid; families with bidirectional spans, e.g. Gemma 3's images, move it past the span)."""
         return end
 
-    def encode_cost_per_placeholder(self, model: nn.Module) -> float | None:
-        """What encoding an image costs per image placeholder token, in units of one LLM prompt token (the
-        scheduler's token budget counts an image encode as `ceil(placeholders * this)`). None (the default):
-        one unit per placeholder, an upper bound for towers smaller than the LLM."""
-        return None
-
     def smoke_text(self, processor: Any) -> str:
         """The text of the startup smoke prefill: one image placeholder (the processor expands it)."""
         return str(processor.image_token)

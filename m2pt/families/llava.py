@@ -184,20 +184,6 @@ class LlavaFamily(ModelFamily):
     def spec_from_model(self, model: nn.Module, model_id: str) -> ModelSpec:
         return llava_spec(model, model_id)
 
-    def encode_cost_per_placeholder(self, model: nn.Module) -> float | None:
-        """Parameters an image token passes through (the ViT layers that run, the projector) over those an LLM
-        prompt token passes through (its decoder layers): the ratio of their matmul FLOPs per token. One ViT
-        token per placeholder (LLaVA; LLaVA-NeXT/OneVision tiles are about as many as their placeholders)."""
-        from m2pt.forward import vision_layers_used
-
-        def count(modules) -> int:
-            return sum(p.numel() for m in modules for p in m.parameters())
-
-        run = hf.layers(model, "model.vision_tower.encoder.layers")[: vision_layers_used(hf.config(model))]
-        vision = count(run) + count([self.projector(model)])
-        llm = count(hf.layers(model, "model.language_model.layers"))
-        return vision / llm if llm else None
-
     def projector(self, model: nn.Module) -> nn.Module:
         return hf.part(model, "model.multi_modal_projector")
 

@@ -14,7 +14,7 @@ class EngineConfig:
 
     - `max_batch_size`: requests in flight on the model at once (decoding or being prefilled).
     - `max_num_batched_tokens`: the per-step token budget shared by decode rows (1 each) and new work (prompt
-      chunks; an image encode costs its placeholder tokens scaled by `ModelFamily.encode_cost_per_placeholder`).
+      chunks; an image encode costs its placeholder tokens scaled by `m2pt.calibrate`, measured at startup).
       Running rows decode every step; prompts are prefilled in chunks of what is left. Must be ≥
       `max_batch_size` so every running row can decode.
     - `max_bundles_per_batch`: distinct bundles among requests in flight (None = unlimited; 1 = one bundle per

@@ -4,6 +4,7 @@ scheduler, output processor, preprocessor, bundle residency) and wires them into
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from server.engine.bundles import BundleResidency
@@ -14,6 +15,8 @@ from server.engine.outputs import OutputProcessor
 from server.engine.preprocess import Preprocessor
 from server.engine.runner import ImageFeatureCache, ModelRunner
 from server.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(
@@ -34,7 +37,8 @@ def build_engine(
     # Bundle errors quote `spec.model_id` to clients: use the served id, never a local path.
     spec = dataclasses.replace(frozen.spec, model_id=served_id)
     ops = ops if ops is not None else ops_for(frozen)
-    preprocessor = preprocessor if preprocessor is not None else Preprocessor(frozen)
+    if preprocessor is None:
+        preprocessor = Preprocessor(frozen, _measured_encode_cost(frozen))
     outputs = OutputProcessor(frozen.processor.tokenizer, metrics)
     scheduler = Scheduler(config, outputs.push)
     runner = ModelRunner(ops, ImageFeatureCache(config.image_cache_size, metrics))
@@ -66,3 +70,16 @@ def build_engine(
         metrics=metrics,
     )
     return engine
+
+
+def _measured_encode_cost(frozen: Any) -> float | None:
+    """`m2pt.calibrate.encode_cost_per_placeholder`, or None (count placeholders) when it cannot be measured."""
+    if getattr(frozen, "family", None) is None:
+        return None
+    from m2pt.calibrate import encode_cost_per_placeholder
+
+    try:
+        return encode_cost_per_placeholder(frozen)
+    except Exception:  # the smoke prefill passed at load time; a failure here only loses the calibration
+        log.warning("could not measure the image-encode cost; counting image placeholders", exc_info=True)
+        return None

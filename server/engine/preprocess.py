@@ -67,16 +67,15 @@ def check_messages(messages: list[dict], n_images: int, image_token: str) -> Non
 class Preprocessor:
     """Tokenisation with the served model's own processor (so serving matches training)."""
 
-    def __init__(self, frozen) -> None:
+    def __init__(self, frozen, encode_cost_per_placeholder: float | None = None) -> None:
+        """`encode_cost_per_placeholder`: what an image encode costs per placeholder in prompt tokens of the step
+        budget (`m2pt.calibrate`; None: one per placeholder)."""
         self.processor = frozen.processor
         self.family = getattr(frozen, "family", None)  # m2pt.families adapter, when the loader attached one
         self.model = frozen.model
         self.image_token_id = int(frozen.spec.image_token_id)
         self.tokens_per_image = int(frozen.spec.num_image_tokens)
-        per_placeholder = getattr(self.family, "encode_cost_per_placeholder", None)
-        self.encode_cost_per_placeholder = (
-            per_placeholder(frozen.model) if per_placeholder is not None else None
-        )
+        self.encode_cost_per_placeholder = encode_cost_per_placeholder
         self.image_token = str(getattr(self.processor, "image_token", "") or "")
         text_config = frozen.model.config.text_config
         self.max_positions = int(getattr(text_config, "max_position_embeddings", 1 << 30))

@@ -8,7 +8,7 @@ Policy (vLLM v1's, on a per-step token budget `max_num_batched_tokens`):
 - the rest of the budget goes to prompt work in arrival order: first the requests already being prefilled, then
   new ones admitted FIFO while fewer than `max_batch_size` are in flight and the bundle limit allows. A request's
   images are encoded first (cost: `PreparedRow.image_encode_cost`, its placeholder tokens scaled by what an
-  image token costs against an LLM token, `ModelFamily.encode_cost_per_placeholder`; an encode larger than
+  image token costs against an LLM token, measured at startup by `m2pt.calibrate`; an encode larger than
   what is left may still run when it is the step's only prompt work, so a small budget never blocks an image),
   then its prompt is prefilled in chunks of what the budget leaves; a chunk never cuts one of the row's
   `atomic_spans` (Gemma 3's images, whose tokens attend both ways): it stops before the span, or, when the
