@@ -126,8 +126,11 @@ async def scenario(
     return result
 
 
-async def warm_up(url: str, bundles: list[str], args, n: int = 2) -> None:
-    await run_load(url, make_bodies(n, "distinct", bundles, "x", 4, 10_000), 2, "warm-up")
+async def warm_up(url: str, bundles: list[str], args, n: int | None = None) -> None:
+    """Short requests on each of `bundles` (or the first `n`), so every bundle a scenario uses is resident and
+    compared scenarios differ in batching only (cold loads are the rotation scenario's subject)."""
+    count = len(bundles) if n is None else n
+    await run_load(url, make_bodies(count, "distinct", bundles, "x", 4, 10_000), 2, "warm-up")
 
 
 def serve_cmd(args, model_dir: Path, store: Path, port: int, extra: list[str]) -> list[str]:
