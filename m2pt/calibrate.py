@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from m2pt.gate import blank_image
+from m2pt.gate import smoke_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,7 @@ def encode_cost_per_placeholder(frozen: Any, repeats: int = 3) -> float:
 
     family, model, spec = frozen.family, frozen.model, frozen.spec
     with torch.inference_mode():
-        text = family.smoke_text(frozen.processor)
-        encoded = frozen.processor(images=[blank_image(spec.image_size)], text=text, return_tensors="pt")
-        images = family.split_images(encoded)
-        input_ids = encoded["input_ids"][0]  # [T]
+        input_ids, images = smoke_inputs(frozen)  # [T], the family's per-image inputs
 
         def encode() -> list[torch.Tensor]:
             return list(family.encode_images(model, images, [None] * len(images)))

@@ -383,6 +383,13 @@ def chunk_embeds(model: nn.Module, row: RowInput, start: int, end: int) -> Tenso
     return embeds
 
 
+def first_chunk_state(model: nn.Module, row: RowInput, like: Tensor) -> DecodeState:
+    """The state a row's chunked prefill starts from: its cache holding only the bundle's text prefix (with
+    room for the whole prompt), the prefix's mask [1, P] and the position of the first prompt token."""
+    cache, mask, next_position = _prefix_cache(model, [row], like, room=int(row.input_ids.shape[0]) + 64)
+    return DecodeState(cache, mask, next_position)
+
+
 def prefill_chunk(
     model: nn.Module, row: RowInput, start: int, end: int, state: DecodeState | None = None
 ) -> tuple[Tensor, DecodeState]:
@@ -397,11 +404,8 @@ def prefill_chunk(
         raise ValueError(f"bad chunk [{start}, {end}) of a {row.input_ids.shape[0]}-token prompt")
     device = next(hf.part(model, "lm_head").parameters()).device
     embeds = chunk_embeds(model, row, start, end)  # [1, C, D]
-    if state is None:
-        room = int(row.input_ids.shape[0]) + 64
-        cache, mask, next_position = _prefix_cache(model, [row], embeds, room=room)  # mask [1, P]
-    else:
-        cache, mask, next_position = state.cache, state.attention_mask, state.positions
+    state = state if state is not None else first_chunk_state(model, row, embeds)
+    cache, mask, next_position = state.cache, state.attention_mask, state.positions  # mask [1, S]
     chunk = end - start
     attention_mask = torch.cat([mask, mask.new_ones(1, chunk)], dim=1)  # [1, S+C]
     position_ids = next_position[:, None] + torch.arange(chunk, device=device)[None]  # [1, C]

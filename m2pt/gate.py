@@ -29,6 +29,15 @@ def blank_image(size: int) -> Any:
     return Image.new("RGB", (size, size), (0, 0, 0))
 
 
+def smoke_inputs(frozen: Any) -> tuple[torch.Tensor, list[Any]]:
+    """The smoke prompt of a `FrozenLlava`: the family's smoke text with one blank image, through the model's
+    processor. Returns its input ids [T] and the family's per-image inputs."""
+    text = frozen.family.smoke_text(frozen.processor)
+    image = blank_image(frozen.spec.image_size)
+    encoded = frozen.processor(images=[image], text=text, return_tensors="pt")
+    return encoded["input_ids"][0], list(frozen.family.split_images(encoded))
+
+
 def smoke_prefill(frozen: Any) -> None:
     """Raise `SmokeTestError` unless a blank-image prefill gives finite `[1, vocab]` logits (a
     `FrozenLlava`)."""
@@ -37,11 +46,9 @@ def smoke_prefill(frozen: Any) -> None:
     family, model, spec = frozen.family, frozen.model, frozen.spec
     try:
         with torch.inference_mode():
-            text = family.smoke_text(frozen.processor)
-            encoded = frozen.processor(images=[blank_image(spec.image_size)], text=text, return_tensors="pt")
-            images = family.split_images(encoded)
+            input_ids, images = smoke_inputs(frozen)
             features = family.encode_images(model, images, [None] * len(images))
-            row = RowInput(encoded["input_ids"][0], torch.cat(features), None, tuple(images))
+            row = RowInput(input_ids, torch.cat(features), None, tuple(images))
             logits, _ = family.prefill(model, [row])
     except Exception as exc:  # any failure here means the model cannot serve: report it, do not serve
         raise SmokeTestError(f"{spec.model_id}: the startup smoke prefill failed: {exc}") from exc

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from m2pt import hf
-from m2pt.forward import DecodeState, RowInput, _prefix_cache, chunk_embeds
+from m2pt.forward import DecodeState, RowInput, chunk_embeds, first_chunk_state
 
 ATTN_NAME = "m2pt_packed_sdpa"
 _STEP: ContextVar[PackedCache | None] = ContextVar("m2pt_packed_step", default=None)
@@ -193,12 +193,7 @@ def packed_step(
         masks.append(_decode_mask(decode))
     for chunk in chunks:
         piece = chunk_embeds(model, chunk.row, chunk.start, chunk.end)  # [1, C, D]
-        state = chunk.state
-        if state is None:
-            cache, mask, next_position = _prefix_cache(
-                model, [chunk.row], piece, room=len(chunk.row.input_ids) + 64
-            )
-            state = DecodeState(cache, mask, next_position)
+        state = chunk.state if chunk.state is not None else first_chunk_state(model, chunk.row, piece)
         length = chunk.end - chunk.start
         state.attention_mask = torch.cat(
             [state.attention_mask, state.attention_mask.new_ones(1, length)], dim=1
