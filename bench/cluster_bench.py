@@ -36,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.serve_proc import wait_ready
+
 log = logging.getLogger("bench.cluster")
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-ops-token-0123"
@@ -75,15 +77,7 @@ class Cluster:
         started = time.monotonic()
         self.proc.start()
         self.client = self.new_client()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if self.client.get("/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
+        if not wait_ready(lambda: self.client.get("/ready"), 300, interval_s=0.5):
             raise RuntimeError("cluster not ready in 300 s")
         self.startup_s = time.monotonic() - started
         return self

@@ -31,6 +31,7 @@ import httpx
 
 from bench.loadgen import LoadResult, chat_body, image_data_uri, run_load
 from bench.mid_model import build_bundle_store, build_mid_model, random_image
+from bench.serve_proc import wait_ready
 
 log = logging.getLogger("bench")
 INSTRUCTION = "describe the image"
@@ -50,15 +51,9 @@ def running_server(cmd: list[str], port: int, ready_timeout: float = 600):
     proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
+        if not wait_ready(lambda: httpx.get(url + "/ready", timeout=2), ready_timeout, proc, 0.5):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}; see {logfile.name}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        else:
             raise RuntimeError(f"server not ready after {ready_timeout} s; see {logfile.name}")
         yield url
     finally:

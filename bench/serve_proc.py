@@ -8,12 +8,14 @@ block it). Nothing here knows about bundles or requests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -23,6 +25,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_ready(
+    probe: Callable[[], httpx.Response],
+    timeout_s: float,
+    proc: subprocess.Popen | None = None,
+    interval_s: float = 0.2,
+) -> bool:
+    """Poll `probe` (a GET of `/ready`) until it answers 200 (True), `timeout_s` passes or `proc` exits (False).
+    Connection errors count as not ready yet."""
+    deadline = time.monotonic() + timeout_s
+    while proc is None or proc.poll() is None:
+        with contextlib.suppress(httpx.HTTPError):
+            if probe().status_code == 200:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval_s)
+    return False
 
 
 class ServeProcess:
@@ -51,19 +72,12 @@ class ServeProcess:
     def start(self, ready_timeout_s: float = 180.0) -> ServeProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait())
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"m2pt serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"m2pt serve not ready after {ready_timeout_s} s:\n{self.output()}")
-            time.sleep(0.1)
+        if wait_ready(lambda: httpx.get(self.url + "/ready", timeout=2), ready_timeout_s, self.proc, 0.1):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"m2pt serve exited with {self.proc.returncode}:\n{self.output()}")
+        self.kill()
+        raise RuntimeError(f"m2pt serve not ready after {ready_timeout_s} s:\n{self.output()}")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

@@ -21,6 +21,8 @@ import pytest
 from api_fakes import _free_port
 from PIL import Image
 
+from bench.serve_proc import wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 DIGIT_7 = REPO / "demo" / "examples" / "digit_7.png"
 API_KEY = "playground-test-key"
@@ -48,15 +50,7 @@ def server(tmp_path_factory):
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
+    if not wait_ready(lambda: httpx.get(url + "/ready", timeout=2), 120, proc, 0.3):
         proc.kill()
         pytest.fail(f"m2pt serve did not become ready: {proc.stderr.read() if proc.stderr else ''}")
     yield url
